@@ -1,0 +1,52 @@
+"""Atomic file output: a reader sees the old file or the whole new one, never half.
+
+Runs on the Jetson too, so it stays Python 3.8 and standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator, Union
+
+from gdws_deploy.errors import GdwsError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
+    """Refuse to overwrite an input and fail early on an unwritable directory."""
+    out = Path(output)
+    for source in inputs:
+        if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
+            raise GdwsError(f"output {out} is the input file; choose another path")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise GdwsError(f"output directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise GdwsError(f"output directory {folder} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(output: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `output`; move it into place only on success."""
+    out = Path(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(output: PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a file for writing that appears at `output` only when closed without error."""
+    with atomic_path(output) as tmp, open(tmp, mode) as handle:
+        yield handle

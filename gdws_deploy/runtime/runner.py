@@ -1,0 +1,79 @@
+"""One runner interface for every backend, so robustness is judged by the deployed runtime.
+
+Like Polygraphy's runners: `activate()` loads lazily, `infer(batch)` maps a float32 NCHW
+batch to float32 logits, `deactivate()` frees; the context manager does both ends.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from gdws_deploy.errors import GdwsError
+
+
+class Runner(abc.ABC):
+    """A loaded model that turns input batches into logits."""
+
+    name = "runner"
+
+    def __enter__(self) -> Runner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.deactivate()
+
+    @abc.abstractmethod
+    def activate(self) -> None:
+        """Load the model and allocate what inference needs."""
+
+    @abc.abstractmethod
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 -> (N, classes) float32."""
+
+    @abc.abstractmethod
+    def deactivate(self) -> None:
+        """Release what `activate` took."""
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on the CPU (or any execution providers given)."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        model: Union[str, Path, bytes],
+        providers: Optional[Sequence[str]] = None,
+        threads: int = 0,
+    ) -> None:
+        self.model = model
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.threads = threads
+        self.session = None
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        source = self.model if isinstance(self.model, bytes) else str(self.model)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=self.providers)
+        except Exception as error:  # ORT raises its own opaque classes
+            raise GdwsError(f"onnxruntime cannot load the model: {error}") from error
+        self.input_name = self.session.get_inputs()[0].name
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise GdwsError("runner used before activate()")
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        return self.session.run(None, feed)[0]
+
+    def deactivate(self) -> None:
+        self.session = None
