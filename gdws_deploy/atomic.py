@@ -38,6 +38,7 @@ def atomic_path(output: PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -50,3 +51,10 @@ def atomic_open(output: PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a file for writing that appears at `output` only when closed without error."""
     with atomic_path(output) as tmp, open(tmp, mode) as handle:
         yield handle
+
+
+def _current_umask() -> int:
+    """The process umask (mkstemp creates 0600 files; outputs should look ordinary)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,1 @@
+"""Model definitions, export helper and the bundled robust demo model."""
