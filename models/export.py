@@ -21,7 +21,7 @@ from gdws_deploy.atomic import atomic_path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.networks import ARCHITECTURES, randomize_batchnorm  # noqa: E402
+from models.networks import ARCHITECTURES, randomize_batchnorm
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

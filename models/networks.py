@@ -95,7 +95,10 @@ def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return ResNetCifar(BasicBlock, preact=False, num_classes=num_classes, in_channels=in_channels)
 
 
-VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_LAYOUT = (
+    *(64, 64, "M", 128, 128, "M"),
+    *(256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+)
 
 
 def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
