@@ -162,6 +162,28 @@ def wide_resnet28_4(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return wide_resnet(28, 4, num_classes, in_channels)
 
 
+SMALL_VGG_STAGES = ((16,), (32, 32), (64, 64))
+
+
+def small_vgg(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Five conv-BN-ReLU layers in three stages (32, 16, 8 pixels), global pool, linear head.
+
+    Small enough to PGD-train on 2 CPU cores in minutes (the bundled robust model), with
+    the same Conv -> BatchNormalization -> Relu chains as the big networks.
+    """
+    layers = []
+    width = in_channels
+    for index, stage in enumerate(SMALL_VGG_STAGES):
+        if index > 0:
+            layers.append(nn.MaxPool2d(2))
+        for out_channels in stage:
+            conv = nn.Conv2d(width, out_channels, 3, padding=1, bias=False)
+            layers += [conv, nn.BatchNorm2d(out_channels), nn.ReLU()]
+            width = out_channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
 ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
     "preactresnet18": preact_resnet18,
     "resnet18": resnet18,
