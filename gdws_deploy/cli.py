@@ -17,7 +17,11 @@ from gdws_deploy import __version__
 from gdws_deploy.errors import GdwsError
 
 # verb -> "module:click command", each module under gdws_deploy/commands/
-VERBS = {}
+VERBS = {
+    "build": "gdws_deploy.commands.build:build_command",
+    "bench": "gdws_deploy.commands.bench:bench_command",
+    "trtexec": "gdws_deploy.commands.trtexec:trtexec_command",
+}
 
 
 class LazyGroup(click.Group):
