@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.graph import load_model, node_name
 
 # What a tensor is at build time: a float initializer, a known constant, a runtime value that
 # depends only on input shapes (kept on the CPU), or a runtime value that depends on data.
@@ -43,6 +44,7 @@ class NodeInfo:
     """What an op compiler may look at: the node, its attributes and its known inputs."""
 
     node: onnx.NodeProto
+    name: str  # the node's name, or graph.node_name's stand-in
     attrs: Dict[str, Any]
     consts: List[Optional[np.ndarray]]  # per input: value when known at build time
     opset: int
@@ -291,7 +293,7 @@ def _kernel_shape(info: NodeInfo) -> List[int]:
     weight = info.consts[1] if len(info.consts) > 1 else None
     if weight is None:
         raise GdwsError(
-            f"mirror: {info.node.op_type} node {info.node.name!r} has no kernel_shape and its "
+            f"mirror: {info.node.op_type} node {info.name!r} has no kernel_shape and its "
             "weight is not an initializer"
         )
     return list(weight.shape[2:])
@@ -419,7 +421,7 @@ _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 @_op("MaxPool")
 def _max_pool(info: NodeInfo) -> Compiled:
     if len(info.node.output) > 1 and info.node.output[1]:
-        raise GdwsError(f"mirror: MaxPool node {info.node.name!r} asks for Indices (unsupported)")
+        raise GdwsError(f"mirror: MaxPool node {info.name!r} asks for Indices (unsupported)")
     kernel, strides, dilations = _geometry(info)
     ceil = bool(info.attrs.get("ceil_mode", 0))
     padding = SpatialPadding(info.attrs, kernel, strides, dilations)
@@ -435,7 +437,7 @@ def _max_pool(info: NodeInfo) -> Compiled:
 def _average_pool(info: NodeInfo) -> Compiled:
     kernel, strides, dilations = _geometry(info)
     if any(d != 1 for d in dilations):
-        raise GdwsError(f"mirror: AveragePool node {info.node.name!r} with dilations")
+        raise GdwsError(f"mirror: AveragePool node {info.name!r} with dilations")
     ceil = bool(info.attrs.get("ceil_mode", 0))
     count_pad = bool(info.attrs.get("count_include_pad", 0))
     padding = SpatialPadding(info.attrs, kernel, strides, dilations)
@@ -660,7 +662,7 @@ def _constant(info: NodeInfo) -> Compiled:
     elif "value_int" in attrs or "value_ints" in attrs:
         value = np.array(attrs.get("value_int", attrs.get("value_ints")), np.int64)
     else:
-        raise GdwsError(f"mirror: Constant node {info.node.name!r} has an unsupported value kind")
+        raise GdwsError(f"mirror: Constant node {info.name!r} has an unsupported value kind")
     tensor = torch.from_numpy(np.array(value))
     return lambda: tensor
 
@@ -731,7 +733,7 @@ class OnnxMirror(nn.Module):
     """An ONNX graph as a torch module: same outputs as onnxruntime, plus gradients.
 
     `onnx_names[torch_name]` and `torch_names[onnx_name]` map initializer names both ways;
-    `tensor(onnx_name)` returns the parameter or buffer; `compiled(node_name)` the callable
+    `tensor(onnx_name)` returns the parameter or buffer; `compiled(node)` the callable
     a node became (a `Conv` for Conv nodes).
     """
 
@@ -744,8 +746,8 @@ class OnnxMirror(nn.Module):
     def tensor(self, onnx_name: str) -> torch.Tensor:
         return getattr(self, self.torch_names[onnx_name])
 
-    def compiled(self, node_name: str) -> Compiled:
-        return self._compiled[node_name]
+    def compiled(self, name: str) -> Compiled:
+        return self._compiled[name]
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         return self._run(inputs, None)
@@ -843,8 +845,8 @@ class _Builder:
                 self.kinds[graph_input.name] = DATA
                 self.data_slots[graph_input.name] = self.new_slot()
                 input_slots.append(self.data_slots[graph_input.name])
-        for node in self.graph.node:
-            self.add_node(node)
+        for index, node in enumerate(self.graph.node):
+            self.add_node(node, node_name(node, index))
         outputs = [self.output_slot(output.name) for output in self.graph.output]
         self.finish(input_slots, outputs)
 
@@ -853,15 +855,15 @@ class _Builder:
             raise GdwsError(f"mirror: graph output {name!r} is never produced")
         return self.input_slot(name, DATA, host=self.kinds[name] == SHAPE, reference=None)
 
-    def add_node(self, node: onnx.NodeProto) -> None:
-        label = f"{node.op_type} node {node.name!r}"
+    def add_node(self, node: onnx.NodeProto, name: str) -> None:
+        label = f"{node.op_type} node {name!r}"
         if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
-            raise GdwsError(f"mirror: unsupported op {node.op_type} in node {node.name!r}")
+            raise GdwsError(f"mirror: unsupported op {node.op_type} in node {name!r}")
         for name in node.input:
             if name not in self.kinds:
                 raise GdwsError(f"mirror: {label} reads {name!r}, which nothing produces before")
         consts = [self.values.get(name) for name in node.input]
-        info = NodeInfo(node, _attributes(node), consts, self.opset)
+        info = NodeInfo(node, name, _attributes(node), consts, self.opset)
         fn = _OPS[node.op_type](info)
         kinds = {self.kinds[name] for name in node.input if name}
         if kinds <= {CONST}:
@@ -884,8 +886,8 @@ class _Builder:
             slot = self.new_slot()
             (self.host_slots if kind == SHAPE else self.data_slots)[name] = slot
             outs.append(slot)
-        self.add_step(node.name, fn, slots, tuple(outs))
-        self.compiled[node.name] = fn
+        self.add_step(name, fn, slots, tuple(outs))
+        self.compiled[name] = fn
 
     def add_step(self, name: str, fn: Compiled, ins: Tuple[int, ...], outs: Tuple[int, ...]):
         self.steps.append((fn, ins, outs))
@@ -943,19 +945,7 @@ class _Builder:
         mirror._compiled = self.compiled
 
 
-def load_mirror(source: Union[str, Path, bytes, onnx.ModelProto]) -> OnnxMirror:
-    """Build the mirror of an ONNX file, serialized model or ModelProto."""
-    if isinstance(source, onnx.ModelProto):
-        model = source
-    else:
-        try:
-            model = (
-                onnx.load_from_string(source)
-                if isinstance(source, bytes)
-                else onnx.load(str(source))
-            )
-        except FileNotFoundError as error:
-            raise GdwsError(f"model file {source} does not exist") from error
-        except Exception as error:  # protobuf raises its own DecodeError family
-            raise GdwsError(f"cannot read ONNX model {source}: {error}") from error
+def load_mirror(source: Union[str, Path, onnx.ModelProto]) -> OnnxMirror:
+    """Build the mirror of an ONNX file (external data included) or ModelProto."""
+    model = source if isinstance(source, onnx.ModelProto) else load_model(source).model
     return OnnxMirror(model)
