@@ -1,0 +1,280 @@
+"""The Python API of `gdws-deploy convert`: an ONNX model in, its GDWS form and a report out.
+
+load -> check + infer shapes -> find eligible Convs -> one batched SVD per layer ->
+LEGO (beta), MEGO (budget) or the global MAC allocation -> rewrite -> parity check.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+
+from gdws_deploy import graph as onnx_graph
+from gdws_deploy.atomic import check_output_path
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.gdws import ChannelSpectra, GdwsFactors, LayerCost, allocate_budget, lego, mego
+
+# At beta = 0 the rewrite is exact up to float rounding: parity beyond this is a failure.
+EXACT_PARITY_LIMIT = 1e-4
+
+ModelSource = Union[str, Path, onnx.ModelProto, onnx_graph.LoadedModel]
+AlphaSource = Union[str, Path, Mapping[str, np.ndarray], None]
+# progress(done, total, layer name), called after each layer is factored.
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One Conv: rewritten (kernels G, weighted error) or left alone (skipped says why)."""
+
+    name: str
+    weight_shape: Tuple[int, ...]
+    macs_before: int
+    macs_after: int
+    kernels: Optional[int] = None
+    error: Optional[float] = None
+    skipped: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What convert did: per-Conv rows and whole-model MACs at batch 1."""
+
+    target: str
+    layers: Tuple[LayerReport, ...]
+    macs_before: int
+    macs_after: int
+    parity: Optional[float] = None
+
+    @property
+    def converted(self) -> int:
+        return sum(layer.kernels is not None for layer in self.layers)
+
+    @property
+    def reduction(self) -> float:
+        """Achieved MAC reduction of the whole model (before / after)."""
+        return self.macs_before / self.macs_after if self.macs_after else 1.0
+
+    def to_dict(self) -> Dict:
+        """JSON-ready form, derived figures included."""
+        return {
+            **asdict(self),
+            "layers": [asdict(layer) for layer in self.layers],
+            "converted": self.converted,
+            "reduction": self.reduction,
+        }
+
+
+def convert(
+    model_or_path: ModelSource,
+    *,
+    beta: Optional[float] = None,
+    budget: Optional[int] = None,
+    mac_reduction: Optional[float] = None,
+    alphas: AlphaSource = None,
+    all_layers: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    check_parity: bool = True,
+    progress: Optional[Progress] = None,
+) -> Tuple[onnx.ModelProto, ConvertReport]:
+    """Rewrite the eligible Convs of a model into GDWS form.
+
+    Exactly one target: `beta` (per-layer LEGO error bound), `budget` (per-layer MEGO
+    kernel count) or `mac_reduction` (whole model R times fewer MACs, least error).
+    alphas: npz path or mapping, Conv node name -> (C,) channel weights. When no layer
+    is rewritten the original model comes back. At beta = 0, parity worse than 1e-4 raises.
+    """
+    target = _target(beta, budget, mac_reduction)
+    model = _load(model_or_path).model
+    types = onnx_graph.check_and_infer(model)
+    macs = onnx_graph.count_macs(model, types)
+    convs = onnx_graph.find_convs(model, types, macs, all_layers, include, exclude)
+    eligible = [layer for layer in convs if layer.eligible]
+    weights = _alphas(alphas, eligible)
+    spectra = _spectra(eligible, progress)
+    factors = _plan(eligible, spectra, weights, beta, budget, mac_reduction, sum(macs.values()))
+    rows = [_row(layer, factors.get(layer.index)) for layer in convs]
+    chosen = [(layer, factors[layer.index]) for layer in eligible if layer.index in factors]
+    report = ConvertReport(
+        target=target,
+        layers=tuple(rows),
+        macs_before=sum(macs.values()),
+        macs_after=sum(macs.values()) - sum(row.macs_before - row.macs_after for row in rows),
+    )
+    if not chosen:
+        return model, report
+    from gdws_deploy.rewrite import rewrite
+
+    converted = rewrite(model, chosen, types)
+    onnx_graph.verify(converted)
+    if check_parity:
+        report = _with_parity(report, model, converted, exact=beta == 0)
+    return converted, report
+
+
+def convert_file(
+    source: Union[str, Path], output: Union[str, Path], **options
+) -> Tuple[ConvertReport, bool]:
+    """convert() from file to file, stored as the source was (external data or not).
+
+    Returns the report and whether `output` was written (not when nothing converts).
+    The output path is checked before any work; the input is never modified.
+    """
+    _target(options.get("beta"), options.get("budget"), options.get("mac_reduction"))
+    check_output_path(output, source)
+    loaded = onnx_graph.load_model(source)
+    model, report = convert(loaded, **options)
+    if not report.converted:
+        return report, False
+    onnx_graph.save_model(model, output, like=loaded)
+    return report, True
+
+
+def _load(source: ModelSource) -> onnx_graph.LoadedModel:
+    if isinstance(source, onnx_graph.LoadedModel):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return onnx_graph.LoadedModel(source)
+    if isinstance(source, (str, Path)):
+        return onnx_graph.load_model(source)
+    raise GdwsError(f"expected an ONNX model or a path, got {type(source).__name__}")
+
+
+def _target(beta: Optional[float], budget: Optional[int], mac_reduction: Optional[float]) -> str:
+    """Validate that exactly one target is given; describe it for the report."""
+    given = {
+        name: value
+        for name, value in (("beta", beta), ("budget", budget), ("mac_reduction", mac_reduction))
+        if value is not None
+    }
+    if len(given) != 1:
+        named = ", ".join(given) or "none"
+        raise GdwsError(f"give exactly one of beta, budget, mac_reduction (got {named})")
+    if beta is not None and not (np.isfinite(beta) and beta >= 0):
+        raise GdwsError(f"beta must be a finite number >= 0, got {beta}")
+    if budget is not None and (int(budget) != budget or budget < 1):
+        raise GdwsError(f"budget must be a whole number of kernels >= 1, got {budget}")
+    if mac_reduction is not None and not (np.isfinite(mac_reduction) and mac_reduction >= 1):
+        raise GdwsError(f"MAC reduction must be a finite number >= 1, got {mac_reduction}")
+    ((name, value),) = given.items()
+    return f"{name}={value:g}"
+
+
+def _alphas(source: AlphaSource, layers: Sequence[onnx_graph.ConvLayer]) -> Dict[str, np.ndarray]:
+    """Channel weights per eligible layer name; {} without alphas (all ones).
+
+    Keys starting with "__" hold settings of whoever computed them and are ignored.
+    """
+    if source is None:
+        return {}
+    table = _read_npz(source) if isinstance(source, (str, Path)) else dict(source)
+    weights = {}
+    for layer in layers:
+        if layer.name not in table:
+            raise GdwsError(f"alphas have no entry for Conv {layer.name!r}")
+        alpha = np.asarray(table[layer.name], dtype=np.float64)
+        channels = layer.weight_shape[1]
+        if alpha.shape != (channels,):
+            raise GdwsError(
+                f"alphas for {layer.name!r} have shape {alpha.shape}, expected ({channels},)"
+            )
+        weights[layer.name] = alpha
+    return weights
+
+
+def _read_npz(path: Union[str, Path]) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files if not key.startswith("__")}
+    except (OSError, ValueError) as error:
+        raise GdwsError(f"cannot read alphas from {path}: {error}") from error
+
+
+def _spectra(
+    layers: Sequence[onnx_graph.ConvLayer], progress: Optional[Progress]
+) -> List[ChannelSpectra]:
+    """The one batched SVD per layer, reused for allocation and factors."""
+    spectra = []
+    for done, layer in enumerate(layers, start=1):
+        spectra.append(ChannelSpectra.from_weight(layer.weight))
+        if progress is not None:
+            progress(done, len(layers), layer.name)
+    return spectra
+
+
+def _plan(
+    layers: Sequence[onnx_graph.ConvLayer],
+    spectra: Sequence[ChannelSpectra],
+    alphas: Mapping[str, np.ndarray],
+    beta: Optional[float],
+    budget: Optional[int],
+    mac_reduction: Optional[float],
+    total_macs: int,
+) -> Dict[int, GdwsFactors]:
+    """Factors per node index, only for layers whose GDWS form has fewer MACs."""
+    if not layers:
+        return {}
+    alpha = [alphas.get(layer.name) for layer in layers]
+    if mac_reduction is not None:
+        costs = [_cost(layer) for layer in layers]
+        fixed = total_macs - sum(cost.dense_macs for cost in costs)
+        ranked = [s.ranked_energies(a) for s, a in zip(spectra, alpha)]
+        kernels = allocate_budget(ranked, costs, fixed, mac_reduction)
+        factors = [None if k is None else mego(s, k, a) for s, a, k in zip(spectra, alpha, kernels)]
+    elif beta is not None:
+        factors = [lego(s, beta, a) for s, a in zip(spectra, alpha)]
+    else:
+        factors = [mego(s, budget, a) for s, a in zip(spectra, alpha)]
+    return {
+        layer.index: f
+        for layer, f in zip(layers, factors)
+        if f is not None and f.kernels * _cost(layer).kernel_macs < layer.macs
+    }
+
+
+def _cost(layer: onnx_graph.ConvLayer) -> LayerCost:
+    m, _, kh, kw = layer.weight_shape
+    return LayerCost(kernel_macs=(kh * kw + m) * layer.pixels, dense_macs=layer.macs)
+
+
+def _row(layer: onnx_graph.ConvLayer, factors: Optional[GdwsFactors]) -> LayerReport:
+    if factors is not None:
+        after = factors.kernels * _cost(layer).kernel_macs
+        return LayerReport(
+            layer.name, layer.weight_shape, layer.macs, after, factors.kernels, factors.error
+        )
+    reason = layer.skipped or "GDWS form would not reduce its MACs"
+    return LayerReport(layer.name, layer.weight_shape, layer.macs, layer.macs, skipped=reason)
+
+
+def _with_parity(
+    report: ConvertReport, original: onnx.ModelProto, converted: onnx.ModelProto, exact: bool
+) -> ConvertReport:
+    from gdws_deploy.parity import max_relative_deviation
+
+    deviation = max_relative_deviation(original, converted)
+    if exact and not deviation <= EXACT_PARITY_LIMIT:
+        raise GdwsError(
+            f"parity check failed: at beta=0 the converted model deviates by {deviation:.3g} "
+            f"(relative), more than {EXACT_PARITY_LIMIT:g}"
+        )
+    return replace(report, parity=deviation)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module makes it the package's `convert` attribute, shadowing the
+    function that `gdws_deploy.convert` promises; so the module answers calls as convert().
+    """
+
+    def __call__(self, *args, **kwargs) -> Tuple[onnx.ModelProto, ConvertReport]:
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
