@@ -21,6 +21,7 @@ VERBS = {
     "build": "gdws_deploy.commands.build:build_command",
     "bench": "gdws_deploy.commands.bench:bench_command",
     "trtexec": "gdws_deploy.commands.trtexec:trtexec_command",
+    "convert": "gdws_deploy.commands.convert:convert_command",
 }
 
 

@@ -1,0 +1,186 @@
+"""`gdws-deploy convert`: rewrite a model's KxK convs into GDWS form, layer table included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from gdws_deploy.atomic import atomic_open, check_output_path
+from gdws_deploy.errors import GdwsError
+
+if TYPE_CHECKING:
+    from gdws_deploy.convert import ConvertReport
+
+DEFAULT_MAC_REDUCTION = 2.0
+# Below this many eligible layers the factoring is too quick for a progress bar.
+PROGRESS_MIN_LAYERS = 8
+WIDE_OUTPUT = 160
+
+
+class _Number(click.ParamType):
+    """A numeric flag whose bad value is a GdwsError, so the CLI answers in one line."""
+
+    def __init__(self, cast: type) -> None:
+        self.cast = cast
+        self.name = cast.__name__
+
+    def convert(self, value, param, ctx):
+        try:
+            return self.cast(value)
+        except (TypeError, ValueError):
+            flag = param.opts[0] if param is not None else "value"
+            raise GdwsError(f"{flag} must be a number ({self.name}), got {value!r}") from None
+
+
+@click.command("convert")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output model [default: <stem>.gdws.onnx next to MODEL].",
+)
+@click.option("--beta", type=_Number(float), help="Per layer (LEGO): fewest kernels, error <= B.")
+@click.option(
+    "--budget", type=_Number(int), help="Per layer (MEGO): at most N kernels, least error."
+)
+@click.option(
+    "--mac-reduction",
+    type=_Number(float),
+    help=f"Whole model: R times fewer MACs, least error [default: {DEFAULT_MAC_REDUCTION:g} "
+    "when no target is given].",
+)
+@click.option("--alphas", type=click.Path(path_type=Path), help="npz of channel weights per Conv.")
+@click.option("--all-layers", is_flag=True, help="Convert the first conv too.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only Convs named like GLOB.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave Convs named like GLOB.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write JSON.")
+@click.option("--no-parity", is_flag=True, help="Skip the onnxruntime parity check.")
+def convert_command(
+    model: Path,
+    output: Optional[Path],
+    beta: Optional[float],
+    budget: Optional[int],
+    mac_reduction: Optional[float],
+    alphas: Optional[Path],
+    all_layers: bool,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    report_path: Optional[Path],
+    no_parity: bool,
+) -> None:
+    """Rewrite the KxK convolutions of MODEL (ONNX) into GDWS form.
+
+    Give one target: --beta, --budget or --mac-reduction. Prints one row per Conv and the
+    parity of the result against MODEL in onnxruntime.
+    """
+    from gdws_deploy.convert import convert_file
+
+    if beta is None and budget is None and mac_reduction is None:
+        mac_reduction = DEFAULT_MAC_REDUCTION
+    output = output or model.with_name(f"{model.stem}.gdws.onnx")
+    if report_path is not None:
+        check_output_path(report_path, model, output)
+        if report_path.resolve() == output.resolve():
+            raise GdwsError("--report must differ from the output model path")
+    errors = Console(stderr=True)
+    with LayerProgress(errors) as progress:
+        report, written = convert_file(
+            model,
+            output,
+            beta=beta,
+            budget=budget,
+            mac_reduction=mac_reduction,
+            alphas=alphas,
+            all_layers=all_layers,
+            include=include,
+            exclude=exclude,
+            check_parity=not no_parity,
+            progress=progress,
+        )
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: keep whole layer names on one line
+        console.width = max(console.width, WIDE_OUTPUT)
+    console.print(_layer_table(report))
+    console.print(_totals(report))
+    if not written:
+        errors.print(
+            f"[yellow]warning:[/] no Conv of {escape(str(model))} was rewritten; nothing written"
+        )
+        return
+    if report_path is not None:
+        with atomic_open(report_path) as handle:
+            record = {**report.to_dict(), "input": str(model), "output": str(output)}
+            json.dump(record, handle, indent=2)
+    console.print(f"wrote {output}", markup=False, highlight=False)
+
+
+class LayerProgress:
+    """A progress bar over factored layers, shown on terminals and only for many layers."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.bar: Optional[Progress] = None
+
+    def __enter__(self) -> LayerProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if total < PROGRESS_MIN_LAYERS or not self.console.is_terminal:
+            return
+        if self.bar is None:
+            columns = (
+                TextColumn("factoring"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+            )
+            self.bar = Progress(*columns, console=self.console, transient=True)
+            self.bar.add_task("", total=total)
+            self.bar.start()
+        self.bar.update(self.bar.task_ids[0], completed=done, description=name)
+
+
+def _layer_table(report: ConvertReport) -> Table:
+    """One row per Conv: kernels and MACs, or why it was left alone."""
+    table = Table(title=f"GDWS conversion ({report.target})", title_justify="left")
+    table.add_column("Conv")
+    for column in ("weight", "G", "MACs before -> after"):
+        table.add_column(column, justify="right")
+    table.add_column("weighted error (or why left dense)")
+    for layer in report.layers:
+        name, shape = escape(layer.name), "x".join(str(d) for d in layer.weight_shape)
+        if layer.kernels is None:
+            why = f"[dim]{escape(layer.skipped or '')}[/]"
+            table.add_row(name, shape, "-", _macs(layer.macs_before), why)
+            continue
+        macs = f"{_macs(layer.macs_before)} -> {_macs(layer.macs_after)}"
+        table.add_row(name, shape, str(layer.kernels), macs, f"{layer.error:.4g}")
+    return table
+
+
+def _totals(report: ConvertReport) -> str:
+    parity = "not checked" if report.parity is None else f"{report.parity:.3g}"
+    return (
+        f"total MACs {_macs(report.macs_before)} -> {_macs(report.macs_after)} "
+        f"({report.reduction:.2f}x fewer), {report.converted} Conv(s) rewritten, "
+        f"parity (max relative output deviation) {parity}"
+    )
+
+
+def _macs(count: int) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
