@@ -263,7 +263,7 @@ def _with_parity(
     if exact and not deviation <= EXACT_PARITY_LIMIT:
         raise GdwsError(
             f"parity check failed: at beta=0 the converted model deviates by {deviation:.3g} "
-            f"(relative), more than {EXACT_PARITY_LIMIT:g}"
+            f"(relative), more than {EXACT_PARITY_LIMIT:g}; --no-parity skips the check"
         )
     return replace(report, parity=deviation)
 

@@ -11,7 +11,7 @@ from gdws_deploy import convert
 from gdws_deploy.convert import convert_file
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.graph import check_and_infer, count_macs, external_data_path
-from tests.conv_models import INPUT, OUTPUT, ConvSpec, conv_chain, node_names, run
+from tests.conv_models import INPUT, OUTPUT, ConvSpec, conv_chain, conv_weight, node_names, run
 
 # Every way a Conv can place its kernels, all with exactly low-rank ("sparse") weights.
 SHAPES = [
@@ -268,6 +268,28 @@ def test_convert_file_keeps_external_data_and_the_input_bytes(tmp_path):
     assert relative_gap(run(model, batch((2, 4, 8, 8))), run(reloaded, batch((2, 4, 8, 8)))) < 1e-4
 
 
+def test_beta_zero_parity_beyond_the_limit_fails_the_call():
+    """float16 factors round to ~3e-4: beta = 0 promises 1e-4, so the call must refuse."""
+    weight = conv_weight((8, 6, 3, 3), "sparse", np.random.default_rng(0)).astype(np.float16)
+    half = onnx.TensorProto.FLOAT16
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="c")],
+        "fp16",
+        [onnx.helper.make_tensor_value_info("x", half, ["n", 6, 10, 10])],
+        [onnx.helper.make_tensor_value_info("y", half, ["n", 8, 8, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(GdwsError, match="parity check failed: at beta=0"):
+        convert(model, beta=0.0, all_layers=True)
+    converted, report = convert(model, beta=0.0, all_layers=True, check_parity=False)
+    assert report.converted == 1 and report.parity is None
+    factors = [t for t in converted.graph.initializer if t.name.endswith("/weight")]
+    assert [t.data_type for t in factors] == [half, half]  # cast back to the weight's dtype
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torch_exported_network_converts_with_exact_parity(tmp_path):
     torch = pytest.importorskip("torch")
     from torch import nn
