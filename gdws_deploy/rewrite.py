@@ -28,10 +28,11 @@ def gdws_gather(self: gs.Graph, name: str, x: gs.Variable, channels: np.ndarray)
     """x[:, channels]: the input channel of every depthwise kernel, in kernel order."""
     indices = gs.Constant(f"{name}/gdws_gather/indices", channels.astype(np.int64))
     out = _like(x, f"{name}/gdws_gather/output", channels=channels.size)
-    node_name = f"{name}/gdws_gather"
-    return self.layer(
-        op="Gather", name=node_name, inputs=[x, indices], outputs=[out], attrs={"axis": 1}
-    )[0]
+    attrs = {"axis": 1}
+    self.layer(
+        op="Gather", name=f"{name}/gdws_gather", inputs=[x, indices], outputs=[out], attrs=attrs
+    )
+    return out
 
 
 @gs.Graph.register()
@@ -43,9 +44,8 @@ def gdws_depthwise(
     out = _like(conv.outputs[0], f"{name}/gdws_dw/output", channels=kernels.shape[0])
     attrs = {key: conv.attrs[key] for key in _SPATIAL_ATTRS if key in conv.attrs}
     attrs["group"] = group
-    return self.layer(
-        op="Conv", name=f"{name}/gdws_dw", inputs=[x, weight], outputs=[out], attrs=attrs
-    )[0]
+    self.layer(op="Conv", name=f"{name}/gdws_dw", inputs=[x, weight], outputs=[out], attrs=attrs)
+    return out
 
 
 @gs.Graph.register()
@@ -61,9 +61,8 @@ def gdws_pointwise(
     weight = gs.Constant(f"{name}/gdws_pw/weight", columns[:, :, None, None])
     inputs = [x, weight, *bias]
     attrs = {"kernel_shape": [1, 1]}
-    return self.layer(op="Conv", name=f"{name}/gdws_pw", inputs=inputs, outputs=[out], attrs=attrs)[
-        0
-    ]
+    self.layer(op="Conv", name=f"{name}/gdws_pw", inputs=inputs, outputs=[out], attrs=attrs)
+    return out
 
 
 def lower_exact(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -> None:
