@@ -1,0 +1,193 @@
+"""Attacks stay inside their budget, find adversarial examples, and never lose one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from gdws_deploy.attacks import (
+    Normalized,
+    apgd_checkpoints,
+    make_attacks,
+    margin,
+    norm_of,
+    parse_fraction,
+    parse_per_norm,
+    project,
+    run_attack,
+    steepest_direction,
+    worst_case,
+)
+from gdws_deploy.data import load_dataset
+from gdws_deploy.errors import GdwsError
+from tests.digits_fixtures import one_torch_thread, trained_digits_cnn  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    data = load_dataset("digits", limit=200)
+    return torch.from_numpy(data.x), torch.from_numpy(data.y)
+
+
+def _accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_fractions_parse_like_the_papers_write_them():
+    assert parse_fraction("8/255") == pytest.approx(8 / 255)
+    assert parse_fraction(" 0.5 ") == 0.5
+    assert parse_per_norm("linf=8/255,l2=0.5", "eps") == {"linf": 8 / 255, "l2": 0.5}
+    assert parse_per_norm("4/255", "eps") == {"*": 4 / 255}
+
+
+@pytest.mark.parametrize("text", ["-1", "1/0", "eight", "nan", "inf"])
+def test_bad_eps_is_a_user_error(text):
+    with pytest.raises(GdwsError):
+        parse_fraction(text, "eps")
+
+
+def test_attack_defaults_follow_the_norm():
+    attacks = make_attacks("pgd-linf,pgd-l2,apgd-dlr", {"l2": 1.0}, steps=20)
+    assert [a.eps for a in attacks] == [pytest.approx(8 / 255), 1.0, pytest.approx(8 / 255)]
+    assert attacks[0].step_size == pytest.approx(2.5 * (8 / 255) / 20)
+    assert (attacks[2].method, attacks[2].loss) == ("apgd", "dlr")
+    with pytest.raises(GdwsError, match="unknown attack"):
+        make_attacks("fgsm")
+    with pytest.raises(GdwsError, match="unknown norm"):
+        parse_per_norm("l3=1", "eps")
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.7), ("l1", 2.0)])
+def test_projection_lands_in_ball_and_box_and_is_idempotent(norm, eps):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 3, 5, 5, generator=generator)
+    delta = torch.randn(16, 3, 5, 5, generator=generator) * 0.8
+    projected = project(delta, x, norm, eps)
+    assert (norm_of(projected, norm) <= eps * (1 + 1e-6)).all()
+    assert ((x + projected) >= 0).all() and ((x + projected) <= 1).all()
+    torch.testing.assert_close(project(projected, x, norm, eps), projected, atol=1e-6, rtol=0)
+
+
+def _solver_projection(delta: np.ndarray, x: np.ndarray, norm: str, eps: float) -> np.ndarray:
+    """The projection by a general-purpose constrained solver (SLSQP; l_1 smoothed)."""
+    if norm == "l2":
+        inside = {"type": "ineq", "fun": lambda d: eps**2 - d @ d}
+    else:
+        inside = {"type": "ineq", "fun": lambda d: eps - np.sqrt(d**2 + 1e-12).sum()}
+    return minimize(
+        lambda d: ((d - delta) ** 2).sum(),
+        np.zeros_like(delta),
+        bounds=list(zip(-x, 1 - x)),
+        constraints=[inside],
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 500},
+    ).x
+
+
+@pytest.mark.parametrize("norm, eps", [("l2", 0.6), ("l1", 0.9)])
+def test_projection_is_the_closest_feasible_point(norm, eps):
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        x, delta = rng.random(6), rng.standard_normal(6)
+        ours = project(torch.tensor(delta)[None], torch.tensor(x)[None], norm, eps)[0].numpy()
+        reference = _solver_projection(delta, x, norm, eps)
+        assert np.linalg.norm(ours, 2 if norm == "l2" else 1) <= eps + 1e-9
+        assert ((ours - delta) ** 2).sum() <= ((reference - delta) ** 2).sum() + 1e-5
+
+
+def test_l1_step_is_sparse_unit_and_avoids_blocked_pixels():
+    generator = torch.Generator().manual_seed(2)
+    grad = torch.randn(4, 1, 20, 20, generator=generator)
+    x_adv = torch.rand(4, 1, 20, 20, generator=generator)
+    x_adv[grad.abs() > 2] = 1.0  # strong gradients on saturated pixels: half of them blocked
+    direction = steepest_direction(grad, x_adv, "l1")
+    torch.testing.assert_close(norm_of(direction, "l1"), torch.ones(4))
+    assert ((direction != 0).flatten(1).sum(1) == 4).all()  # 1% of 400 pixels
+    blocked = (x_adv >= 1) & (grad > 0)
+    assert (direction[blocked] == 0).all()
+
+
+def test_apgd_checkpoints_match_the_paper_schedule():
+    assert apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize(
+    "name, eps",
+    [
+        ("pgd-linf", 0.1),
+        ("pgd-l2", 0.7),
+        ("pgd-l1", 2.0),
+        ("apgd-ce", 0.1),
+        ("apgd-dlr", 0.1),
+        ("apgd-ce-l2", 0.7),
+    ],
+)
+def test_attack_lowers_accuracy_of_a_trained_model_within_budget(digits_test, name, eps):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    (attack,) = make_attacks(name, {"*": eps}, steps=10)
+    x_adv, margins = run_attack(model, attack, x, y, torch.Generator().manual_seed(0))
+    clean, robust = _accuracy(model, x, y), _accuracy(model, x_adv, y)
+    assert clean > 0.9
+    assert robust < clean - 0.25, (clean, robust)
+    assert (norm_of(x_adv - x, attack.norm) <= eps * (1 + 1e-5)).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():  # the margins reported are those of the returned inputs
+        torch.testing.assert_close(margin(model(x_adv), y), margins, atol=1e-4, rtol=1e-4)
+
+
+def test_worst_case_keeps_every_adversarial_example_found(digits_test):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    strong = make_attacks("pgd-linf", {"*": 0.1}, steps=5)
+    alone = worst_case(model, x, y, strong, torch.Generator().manual_seed(0))
+    powerless = make_attacks("pgd-l2", {"*": 0.0}, steps=5)
+    merged = worst_case(model, x, y, strong + powerless, torch.Generator().manual_seed(0))
+    assert alone.fooled.sum() > 0
+    assert (merged.fooled >= alone.fooled).all()
+    torch.testing.assert_close(merged.margin[alone.fooled], alone.margin[alone.fooled])
+    torch.testing.assert_close(merged.x_adv[alone.fooled], alone.x_adv[alone.fooled])
+    with torch.no_grad():
+        assert (model(merged.x_adv).argmax(1) != y)[merged.fooled].all()
+
+
+def test_restarts_only_lower_the_margin(digits_test):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    once = worst_case(
+        model, x, y, make_attacks("pgd-l2", {"*": 0.5}, steps=3), torch.Generator().manual_seed(5)
+    )
+    thrice = worst_case(
+        model,
+        x,
+        y,
+        make_attacks("pgd-l2", {"*": 0.5}, steps=3, restarts=3),
+        torch.Generator().manual_seed(5),
+    )
+    assert (thrice.margin <= once.margin + 1e-6).all()
+    assert thrice.fooled.sum() >= once.fooled.sum()
+
+
+def test_normalization_is_inside_the_attacked_function(digits_test):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    wrapped = Normalized(model, [0.25], [0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), model((x - 0.25) / 0.5))
+    (attack,) = make_attacks("pgd-linf", {"*": 0.05}, steps=5)
+    x_adv, _ = run_attack(wrapped, attack, x, y, torch.Generator().manual_seed(0))
+    change = (x_adv - x).abs().max()
+    assert 0.04 < change <= 0.05 + 1e-6  # the budget is in [0, 1] image units
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_dlr_needs_three_classes():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    (attack,) = make_attacks("apgd-dlr", steps=2)
+    with pytest.raises(GdwsError, match="3 classes"):
+        run_attack(model, attack, torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]))
