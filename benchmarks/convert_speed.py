@@ -1,0 +1,93 @@
+"""How close is `convert` to the least work a conversion must do?
+
+For PreActResNet-18 and VGG-16 (CIFAR size, random weights) this times, in one run:
+  floor:   onnx.load + one batched SVD per converted layer + onnx.save
+  convert: gdws_deploy.convert.convert_file (load, check, shape inference, SVDs,
+           allocation, rewrite, verify, atomic save), parity check off
+  parity:  the onnxruntime parity check, timed on its own
+and prints convert / floor (goal: <= 1.5). Best of --repeat runs each.
+
+    .venv/bin/python benchmarks/convert_speed.py [--repeat 5] [--mac-reduction 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, List, Sequence, Tuple
+
+import onnx
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gdws_deploy.convert import convert_file
+from gdws_deploy.gdws import ChannelSpectra
+from gdws_deploy.parity import max_relative_deviation
+from models.export import export_architecture
+
+GOAL = 1.5
+ARCHITECTURES = ("preactresnet18", "vgg16")
+
+
+def floor_work(source: Path, target: Path) -> None:
+    """The least a conversion must do: read, one SVD per KxK conv after the first, write."""
+    model = onnx.load(str(source))
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    for node in convs[1:]:
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        if weight.shape[2:] != (1, 1):
+            ChannelSpectra.from_weight(weight)
+    onnx.save(model, str(target))
+
+
+def elapsed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def best_times(works: Sequence[Callable[[], object]], repeat: int) -> List[float]:
+    """Best time of each piece of work, run in turn so machine load hits all alike."""
+    times = [[elapsed(work) for work in works] for _ in range(repeat)]
+    return [min(column) for column in zip(*times)]
+
+
+def measure(arch: str, folder: Path, repeat: int, reduction: float) -> Tuple[float, ...]:
+    """(floor, convert, parity) seconds for one architecture."""
+    source = export_architecture(arch, folder / f"{arch}.onnx")
+    out = folder / f"{arch}.gdws.onnx"
+    floor = partial(floor_work, source, folder / f"{arch}.floor.onnx")
+    conversion = partial(convert_file, source, out, mac_reduction=reduction, check_parity=False)
+    floor_s, convert_s = best_times([floor, conversion], repeat)
+    parity = partial(max_relative_deviation, onnx.load(str(source)), onnx.load(str(out)))
+    return floor_s, convert_s, elapsed(parity)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--mac-reduction", type=float, default=2.0)
+    args = parser.parse_args(list(argv) or None)
+    print(f"convert time against the floor, --mac-reduction {args.mac_reduction:g}:")
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        for arch in ARCHITECTURES:
+            floor, converted, parity = measure(arch, Path(folder), args.repeat, args.mac_reduction)
+            worst = max(worst, converted / floor)
+            print(
+                f"{arch:16s} floor {floor:6.3f}s  convert {converted:6.3f}s  "
+                f"ratio {converted / floor:4.2f}x  (parity check alone {parity:5.3f}s)"
+            )
+    verdict = "meets" if worst <= GOAL else "misses"
+    print(f"worst ratio {worst:.2f}x {verdict} the {GOAL}x goal")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
