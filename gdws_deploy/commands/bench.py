@@ -14,7 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from gdws_deploy.atomic import atomic_open, check_output_path
-from gdws_deploy.commands.trt_flags import COUNT, INDEX, SECONDS, Parsed, shape_options
+from gdws_deploy.commands.trt_flags import (
+    COUNT,
+    INDEX,
+    SECONDS,
+    Parsed,
+    ShapeFlags,
+    shape_options,
+)
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.benchmark import (
     BenchOptions,
@@ -67,10 +74,7 @@ def bench_command(
     avg_runs: int,
     percentile: tuple,
     batch: Optional[int],
-    shapes: Dict[str, Shape],
-    min_shapes: Dict[str, Shape],
-    opt_shapes: Dict[str, Shape],
-    max_shapes: Dict[str, Shape],
+    shape_flags: ShapeFlags,
     use_cuda_graph: bool,
     no_data_transfers: bool,
     fp16: bool,
@@ -83,8 +87,9 @@ def bench_command(
     With --compare OTHER both run in this process in alternating blocks and the throughput
     ratio OTHER / MODEL is printed (the speed-up of a converted model over the original).
     """
-    if min_shapes or opt_shapes or max_shapes:
+    if shape_flags.min or shape_flags.opt or shape_flags.max:
         raise GdwsError("bench runs at one shape: use --shapes (profiles are for `build`)")
+    shapes = shape_flags.shapes
     options = BenchOptions(
         warmup, iterations, duration, avg_runs, percentile, batch, use_cuda_graph, no_data_transfers
     )

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gdws_deploy.commands.trt_flags import COUNT, INDEX, shape_options
+from gdws_deploy.commands.trt_flags import COUNT, INDEX, ShapeFlags, shape_options
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.shapes import Shape, format_shape
 
@@ -23,9 +23,19 @@ from gdws_deploy.runtime.shapes import Shape, format_shape
 @click.option("--calib-batches", type=COUNT, help="Calibrate on at most N batches.")
 @click.option("--calib-cache", type=click.Path(path_type=Path), help="Calibration cache file.")
 @click.option("--dla-core", "--useDLACore", type=INDEX, help="Run on DLA core N (Xavier: 0, 1).")
-@click.option("--allow-gpu-fallback", "--allowGPUFallback", is_flag=True, help="DLA -> GPU.")
+@click.option(
+    "--allow-gpu-fallback",
+    "--allowGPUFallback",
+    is_flag=True,
+    help="Run the layers the DLA cannot run on the GPU (they are listed).",
+)
 @click.option("--workspace", type=COUNT, metavar="MiB", help="Workspace memory pool limit.")
-@click.option("--timing-cache", "--timingCacheFile", type=click.Path(path_type=Path))
+@click.option(
+    "--timing-cache",
+    "--timingCacheFile",
+    type=click.Path(path_type=Path),
+    help="Timing cache file: read if present, updated after the build.",
+)
 @shape_options
 @click.option("--verbose", is_flag=True, help="Print TensorRT's log.")
 @click.option("--parse-only", is_flag=True, help="Only run TensorRT's ONNX parser.")
@@ -41,10 +51,7 @@ def build_command(
     allow_gpu_fallback: bool,
     workspace: Optional[int],
     timing_cache: Optional[Path],
-    shapes: Dict[str, Shape],
-    min_shapes: Dict[str, Shape],
-    opt_shapes: Dict[str, Shape],
-    max_shapes: Dict[str, Shape],
+    shape_flags: ShapeFlags,
     verbose: bool,
     parse_only: bool,
 ) -> None:
@@ -69,10 +76,10 @@ def build_command(
         allow_gpu_fallback=allow_gpu_fallback,
         workspace_mib=workspace,
         timing_cache=str(timing_cache) if timing_cache else None,
-        shapes=shapes,
-        min_shapes=min_shapes,
-        opt_shapes=opt_shapes,
-        max_shapes=max_shapes,
+        shapes=shape_flags.shapes,
+        min_shapes=shape_flags.min,
+        opt_shapes=shape_flags.opt,
+        max_shapes=shape_flags.max,
         verbose=verbose,
     )
     options.validate()

@@ -7,12 +7,13 @@ the Jetson image.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import functools
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import click
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.runtime.shapes import parse_shape_specs
+from gdws_deploy.runtime.shapes import Shape, parse_shape_specs
 
 
 class Parsed(click.ParamType):
@@ -45,10 +46,29 @@ COUNT = Parsed(_number(int, 1), "count")
 INDEX = Parsed(_number(int, 0), "index")
 SECONDS = Parsed(_number(float, 0), "number")
 SHAPES = Parsed(parse_shape_specs, "NAME:DIMS[,...]")
+SHAPE_KEYS = ("shapes", "min_shapes", "opt_shapes", "max_shapes")
+
+
+class ShapeFlags(NamedTuple):
+    """--shapes and the profile flags, each {input name: dims}."""
+
+    shapes: Dict[str, Shape]
+    min: Dict[str, Shape]
+    opt: Dict[str, Shape]
+    max: Dict[str, Shape]
 
 
 def shape_options(command: Callable) -> Callable:
-    """--shapes and the min/opt/max profile flags, trtexec spellings accepted too."""
+    """Add --shapes/--min-shapes/--opt-shapes/--max-shapes (trtexec's camelCase too).
+
+    The command receives them together as `shape_flags`, a ShapeFlags.
+    """
+
+    @functools.wraps(command)
+    def with_shape_flags(*args: Any, **kwargs: Any) -> Any:
+        flags = ShapeFlags(*(kwargs.pop(key) for key in SHAPE_KEYS))
+        return command(*args, shape_flags=flags, **kwargs)
+
     flags = (
         ("--shapes", "Fixed input shapes, e.g. input:1x3x32x32 (min = opt = max)."),
         ("--min-shapes", "Smallest shapes the engine accepts (dynamic batch)."),
@@ -56,7 +76,8 @@ def shape_options(command: Callable) -> Callable:
         ("--max-shapes", "Largest shapes the engine accepts."),
     )
     for flag, text in reversed(flags):
-        camel = flag[:-7] + "Shapes" if flag != "--shapes" else None
-        names = [flag, camel] if camel else [flag]
-        command = click.option(*names, type=SHAPES, default="", metavar="SPEC", help=text)(command)
-    return command
+        names = [flag] if flag == "--shapes" else [flag, flag[:-7] + "Shapes"]
+        with_shape_flags = click.option(*names, type=SHAPES, default="", metavar="SPEC", help=text)(
+            with_shape_flags
+        )
+    return with_shape_flags

@@ -1,0 +1,144 @@
+"""trtexec's timing loop on a real onnxruntime runner, interleaved comparisons and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gdws_deploy.runtime.benchmark import (
+    BenchOptions,
+    HostTimedTarget,
+    benchmark_pair,
+    interleaved_loops,
+    timing_loop,
+)
+from gdws_deploy.runtime.perf_summary import COMPUTE_S, H2D_S
+from gdws_deploy.runtime.runner import OrtRunner
+from tests.cli_run import assert_one_line_error, run_cli
+from tests.runtime_models import small_cnn
+
+QUICK = ("--warmUp", "0", "--duration", "0", "--iterations", "20")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    light = small_cnn(folder / "light.onnx", channels=4, size=16)
+    heavy = small_cnn(folder / "heavy.onnx", channels=48, size=16, layers=3)
+    return light, heavy
+
+
+@pytest.fixture()
+def runner(models):
+    with OrtRunner(models[0], threads=1) as active:
+        yield active
+
+
+def target(runner, batch=2):
+    return HostTimedTarget(runner, np.zeros((batch, 3, 16, 16), np.float32))
+
+
+def test_loop_times_at_least_the_iterations_after_the_warmup(runner):
+    trace = timing_loop(target(runner), BenchOptions(warmup_ms=15, iterations=25, duration_s=0))
+    assert len(trace.rows) >= 25
+    assert trace.warmup_queries >= 1
+    assert (trace.rows[:, COMPUTE_S] >= 15).all()
+
+
+def test_loop_runs_until_warmup_plus_duration_has_passed(runner):
+    trace = timing_loop(target(runner), BenchOptions(warmup_ms=10, iterations=1, duration_s=0.15))
+    assert trace.rows[-1, COMPUTE_S] >= 160
+    assert trace.walltime_ms >= 150 - (trace.rows[0, H2D_S] - 10)
+
+
+class RecordingTarget(HostTimedTarget):
+    """A real runner's target that notes when its timing blocks start."""
+
+    def __init__(self, runner, label, log):
+        super().__init__(runner, np.zeros((1, 3, 16, 16), np.float32))
+        self.label, self.log = label, log
+
+    def start(self):
+        self.log.append(self.label)
+        super().start()
+
+
+def test_interleaved_blocks_alternate_so_drift_hits_both_models(runner):
+    log = []
+    pair = [RecordingTarget(runner, "A", log), RecordingTarget(runner, "B", log)]
+    traces = interleaved_loops(pair, BenchOptions(warmup_ms=1, iterations=8, duration_s=0), 4)
+    assert "".join(log) == "AB" + "ABBAABBA"  # warm-ups, then A B | B A | A B | B A
+    assert all(len(t.rows) >= 8 for t in traces)
+    assert all(t.warmup_queries == 0 for t in traces)
+
+
+def test_compare_measures_the_lighter_model_faster(models):
+    with OrtRunner(models[0], threads=1) as light, OrtRunner(models[1], threads=1) as heavy:
+        options = BenchOptions(warmup_ms=20, iterations=40, duration_s=0.3, batch=4)
+        slow, fast = benchmark_pair([heavy, light], options, {}, rounds=4)
+    # ~400x fewer MACs: even on a busy machine the light one answers far more queries
+    assert fast.summary.images_per_s > 3 * slow.summary.images_per_s
+    assert fast.summary.batch == slow.summary.batch == 4
+
+
+def test_bench_cli_prints_trtexec_summary_and_writes_json(models, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    done = run_cli(capsys, "bench", models[0], *QUICK, "--batch", "4", "--json", out, "--verbose")
+    assert done.code == 0, done.err
+    lines = done.out.splitlines()
+    assert lines[0].startswith("Warmup completed 0 queries over 0 ms")
+    assert "=== Trace details ===" in lines
+    block = lines[lines.index("=== Performance summary ===") :]
+    assert block[1].startswith("Throughput: ") and block[1].endswith(" qps")
+    assert block[2].endswith("images/s (batch 4)")
+    assert block[3].startswith("Latency: min = ") and "percentile(99%)" in block[3]
+    assert block[4].startswith("Total Host Walltime: ")
+    report = json.loads(out.read_text())
+    assert report["backend"] == "ort" and report["device"] == "cpu" and report["batch"] == 4
+    assert report["queries"] >= 20 and set(report["latency"]["percentiles"]) == {"90", "95", "99"}
+
+
+def test_bench_compare_prints_both_blocks_and_the_ratio(models, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    light, heavy = models
+    done = run_cli(
+        capsys, "bench", heavy, "--compare", light, *QUICK, "--rounds", "2", "--json", out
+    )
+    assert done.code == 0, done.err
+    assert done.out.count("=== Performance summary ===") == 2
+    ratio_line = done.out.strip().splitlines()[-1]
+    assert ratio_line.startswith("Throughput ratio (light.onnx / heavy.onnx): ")
+    report = json.loads(out.read_text())
+    expected = (
+        report["compare"]["throughput_images_per_s"] / report["model"]["throughput_images_per_s"]
+    )
+    assert report["throughput_ratio"] == pytest.approx(expected)
+    assert ratio_line.endswith(f"{report['throughput_ratio']:.3f}x")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--useCudaGraph",), "need the TensorRT backend, not ort"),
+        (("--percentile", "90,101"), "--percentile"),
+        (("--iterations", "0"), "--iterations must be at least 1"),
+        (("--warmUp", "fast"), "--warmUp must be a number"),
+        (("--batch", "2", "--shapes", "images:1x3x8x8"), "fixed size 16 on axis 2"),
+        (("--min-shapes", "images:1x3x16x16"), "use --shapes"),
+        (("--fp16",), "--fp16 applies to the TensorRT backend"),
+    ],
+)
+def test_bench_bad_flags_are_one_line_errors(models, capsys, flags, message):
+    assert_one_line_error(run_cli(capsys, "bench", models[0], *QUICK, *flags), message)
+
+
+def test_bench_refuses_missing_files_unknown_suffixes_and_engines_on_ort(tmp_path, capsys):
+    assert_one_line_error(run_cli(capsys, "bench", tmp_path / "none.onnx"), "no such file")
+    odd = tmp_path / "model.bin"
+    odd.write_bytes(b"\0")
+    assert_one_line_error(run_cli(capsys, "bench", odd), "cannot tell the backend")
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"\0")
+    assert_one_line_error(run_cli(capsys, "bench", engine, "--backend", "ort"), "runs ONNX models")
