@@ -47,21 +47,30 @@ class _Number(click.ParamType):
     type=click.Path(path_type=Path),
     help="Output model [default: <stem>.gdws.onnx next to MODEL].",
 )
-@click.option("--beta", type=_Number(float), help="Per layer (LEGO): fewest kernels, error <= B.")
 @click.option(
-    "--budget", type=_Number(int), help="Per layer (MEGO): at most N kernels, least error."
+    "--beta", type=_Number(float), metavar="B", help="Per layer (LEGO): fewest kernels, error <= B."
+)
+@click.option(
+    "--budget", type=_Number(int), metavar="N", help="Per layer (MEGO): at most N kernels."
 )
 @click.option(
     "--mac-reduction",
     type=_Number(float),
+    metavar="R",
     help=f"Whole model: R times fewer MACs, least error [default: {DEFAULT_MAC_REDUCTION:g} "
     "when no target is given].",
 )
 @click.option("--alphas", type=click.Path(path_type=Path), help="npz of channel weights per Conv.")
 @click.option("--all-layers", is_flag=True, help="Convert the first conv too.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only Convs named like GLOB.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave Convs named like GLOB.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write JSON.")
+@click.option(
+    "--include", multiple=True, metavar="GLOB", help="Only Convs named like GLOB (repeatable)."
+)
+@click.option(
+    "--exclude", multiple=True, metavar="GLOB", help="Leave Convs named like GLOB (repeatable)."
+)
+@click.option(
+    "--report", "report_path", type=click.Path(path_type=Path), help="Also write the table as JSON."
+)
 @click.option("--no-parity", is_flag=True, help="Skip the onnxruntime parity check.")
 def convert_command(
     model: Path,
