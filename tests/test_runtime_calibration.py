@@ -8,6 +8,8 @@ from sklearn.datasets import load_digits
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.calibration import CalibrationFeed, read_cache, write_cache
+from tests.cli_run import assert_one_line_error, run_cli
+from tests.runtime_models import small_cnn
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +80,15 @@ def test_cache_round_trips_and_absent_cache_means_calibrate(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.cache"]  # no temp files left
     path.write_bytes(b"")
     assert read_cache(path) is None
+
+
+def test_unreadable_calibration_data_stops_the_build_in_one_line(tmp_path, capsys):
+    model = small_cnn(tmp_path / "cnn.onnx", in_channels=1, size=8)
+    missing = tmp_path / "calib.npz"
+    done = run_cli(
+        capsys, "build", model, "-o", tmp_path / "m.plan", "--int8", "--calib", f"npz:{missing}"
+    )
+    assert_one_line_error(done, "calib.npz")
+    done = run_cli(capsys, "build", model, "-o", tmp_path / "m.plan", "--calib", "digits")
+    assert_one_line_error(done, "--calib only applies together with --int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]

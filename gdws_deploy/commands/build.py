@@ -13,6 +13,9 @@ from gdws_deploy.commands.trt_flags import COUNT, INDEX, ShapeFlags, shape_optio
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.shapes import Shape, format_shape
 
+# Samples read from the dataset at a time; the calibrator regroups them to the profile.
+CALIBRATION_READ_BATCH = 256
+
 
 @click.command("build")
 @click.argument("model", type=click.Path(path_type=Path))
@@ -95,12 +98,10 @@ def _echo_err(line: str) -> None:
 
 
 def _calibration_batches(spec: str) -> Iterable[Any]:
-    """Batches of inputs from gdws_deploy.data (host side; npz works on the device too)."""
-    try:
-        from gdws_deploy import data
-    except ImportError as error:
-        raise GdwsError(f"--calib needs the dataset loaders ({error}); use --calib-cache") from None
-    return data.calibration_batches(spec)
+    """(images, labels) batches of a gdws_deploy.data dataset; the feed regroups them."""
+    from gdws_deploy.data import load_dataset
+
+    return load_dataset(spec).batches(CALIBRATION_READ_BATCH)
 
 
 def _onnx_nodes(model: Path) -> List[Tuple[int, str, str]]:
