@@ -13,15 +13,17 @@ import onnx
 
 from gdws_deploy.errors import GdwsError
 
-# Symbolic leading (batch) dims run at this size, other symbolic dims at 1.
+# Symbolic dims run at these sizes: the leading (batch) one, and any other (an image side
+# of a fully convolutional model, which 1 would make too small for its kernels).
 PARITY_BATCH = 2
+PARITY_OTHER = 32
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = PARITY_BATCH) -> Dict:
     """Seeded inputs for every graph input that is not an initializer.
 
     Float inputs are standard normal, others zeros; fixed dims are kept, the leading
-    symbolic dim becomes `batch` and any other symbolic dim 1.
+    symbolic dim becomes `batch` and any other symbolic dim PARITY_OTHER.
     """
     rng = np.random.default_rng(seed)
     initializers = {tensor.name for tensor in model.graph.initializer}
@@ -31,7 +33,7 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0, batch: int = PARITY_BAT
             continue
         tensor = info.type.tensor_type
         dims = [
-            d.dim_value if d.HasField("dim_value") else (batch if i == 0 else 1)
+            d.dim_value if d.HasField("dim_value") else (batch if i == 0 else PARITY_OTHER)
             for i, d in enumerate(tensor.shape.dim)
         ]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)

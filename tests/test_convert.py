@@ -268,6 +268,18 @@ def test_convert_file_keeps_external_data_and_the_input_bytes(tmp_path):
     assert relative_gap(run(model, batch((2, 4, 8, 8))), run(reloaded, batch((2, 4, 8, 8)))) < 1e-4
 
 
+def test_dynamic_image_size_converts_and_checks_parity():
+    model = conv_chain([ConvSpec(8), ConvSpec(8)], input_shape=(4, 12, 12))
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("h", "w")):
+        dim.dim_param = name  # fully convolutional: any image size
+    converted, report = convert(model, beta=0.0)
+    assert report.converted == 1 and report.parity <= 1e-4
+    onnx.checker.check_model(converted, full_check=True)
+    assert (
+        relative_gap(run(model, batch((1, 4, 20, 9))), run(converted, batch((1, 4, 20, 9)))) < 1e-4
+    )
+
+
 def test_beta_zero_parity_beyond_the_limit_fails_the_call():
     """float16 factors round to ~3e-4: beta = 0 promises 1e-4, so the call must refuse."""
     weight = conv_weight((8, 6, 3, 3), "sparse", np.random.default_rng(0)).astype(np.float16)
