@@ -54,8 +54,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except click.exceptions.Abort:
         click.echo("gdws-deploy: aborted", err=True)
         return 130
+    except click.UsageError as error:
+        verb = error.ctx.command_path if error.ctx else "gdws-deploy"
+        click.echo(f"gdws-deploy: error: {error.format_message()} (see '{verb} --help')", err=True)
+        return error.exit_code
     except click.ClickException as error:
-        error.show()
+        click.echo(f"gdws-deploy: error: {error.format_message()}", err=True)
         return error.exit_code
     return 0
 
