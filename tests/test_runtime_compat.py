@@ -17,6 +17,8 @@ from gdws_deploy.runtime.trt_compat import (
     load_tensorrt,
     version_tuple,
 )
+from tests.cli_run import assert_one_line_error, run_cli
+from tests.runtime_models import small_cnn
 
 
 def test_versions_compare_as_numbers_whatever_the_suffix():
@@ -68,9 +70,14 @@ def test_unknown_flavour_or_library_names_are_refused(monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed")
-def test_missing_tensorrt_says_where_it_comes_from():
+def test_missing_tensorrt_says_where_it_comes_from(tmp_path, capsys, monkeypatch):
     with pytest.raises(GdwsError, match="comes with JetPack"):
         load_tensorrt("tensorrt")
+    monkeypatch.setenv("GDWS_TENSORRT", "tensorrt")
+    model = small_cnn(tmp_path / "cnn.onnx")
+    done = run_cli(capsys, "build", model, "-o", tmp_path / "cnn.plan")
+    assert_one_line_error(done, "TensorRT is not installed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pycuda") is not None, reason="pycuda installed")

@@ -85,6 +85,8 @@ def test_engine_of_another_tensorrt_version_and_missing_gpu_are_one_line(tmp_pat
     assert trt_cli("build", small_cnn(tmp_path / "cnn.onnx"), "-o", plan).returncode == 0
     # no GPU here: the runner gets as far as CUDA and stops with one line
     assert "CUDA" in one_line_error(trt_cli("bench", plan))
+    on_the_fly = trt_cli("bench", tmp_path / "cnn.onnx", "--backend", "trt", "--batch", "4")
+    assert "CUDA" in one_line_error(on_the_fly)  # built in a temporary folder first
     meta_path = Path(f"{plan}.json")
     meta = json.loads(meta_path.read_text())
     meta["tensorrt"] = {"flavour": "tensorrt", "version": "8.5.2.2"}

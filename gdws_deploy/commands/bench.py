@@ -114,7 +114,7 @@ def bench_command(
     report: Dict[str, Any] = as_json(results[0], str(model), backends[0], options)
     if compare is not None:
         ratio = throughput_ratio(results[0].summary, results[1].summary)
-        Console().print(_comparison_table(models, backends, results, ratio))
+        Console().print(_comparison_table(models, backends, results))
         click.echo(f"Throughput ratio ({compare.name} / {model.name}): {ratio:.3f}x")
         report = {
             "model": report,
@@ -185,9 +185,7 @@ def _open_runner(
             yield runner
 
 
-def _comparison_table(
-    models: List[Path], backends: List[str], results: List[BenchResult], ratio: float
-) -> Table:
+def _comparison_table(models: List[Path], backends: List[str], results: List[BenchResult]) -> Table:
     table = Table(title="interleaved comparison", title_justify="left")
     for column in ("model", "backend", "qps", "images/s", "median latency (ms)"):
         table.add_column(column, justify="left" if column in ("model", "backend") else "right")
@@ -201,6 +199,4 @@ def _comparison_table(
             "-" if images is None else f"{images:.4g}",
             f"{summary.metrics['latency'].median:.4g}",
         )
-    table.caption = f"throughput ratio {models[1].name} / {models[0].name}: {ratio:.3f}x"
-    table.caption_justify = "left"
     return table
