@@ -48,6 +48,14 @@ class TrtRunner(Runner):
         check_engine_version(self.engine_path, read_metadata(self.engine_path), self.version)
         plan = self.engine_path.read_bytes()
         self.cuda = open_cuda(self.cuda_library)
+        try:
+            self._load(trt, plan)
+        except BaseException:
+            self.cuda.close()
+            raise
+
+    def _load(self, trt: Any, plan: bytes) -> None:
+        """Deserialize, find the I/O tensors and the profile, allocate every buffer."""
         self.logger = trt_compat.make_logger(trt, self.verbose, _stderr)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
