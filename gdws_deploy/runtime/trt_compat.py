@@ -127,9 +127,7 @@ def make_logger(trt: ModuleType, verbose: bool, echo: Callable[[str], None]) -> 
             if verbose:
                 echo(f"[TRT] [{str(severity).rsplit('.', 1)[-1]}] {msg}")
 
-    logger = CollectingLogger()
-    logger.min_severity = trt.ILogger.VERBOSE if verbose else trt.ILogger.WARNING
-    return logger
+    return CollectingLogger()
 
 
 class ParserIssue(NamedTuple):
