@@ -16,11 +16,12 @@ where it meets data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -712,6 +713,12 @@ def _to_device_of(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return value.to(reference.device)
 
 
+def _declared_shape(info: onnx.ValueInfoProto) -> Tuple[Union[int, str, None], ...]:
+    """Dims as declared: ints where fixed, names or None where not."""
+    dims = info.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+
+
 def _opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -741,6 +748,8 @@ class OnnxMirror(nn.Module):
         super().__init__()
         self.onnx_names: Dict[str, str] = {}
         self.torch_names: Dict[str, str] = {}
+        self._recording: Optional[Tuple[set, dict]] = None
+        self.input_shapes: List[Tuple[Union[int, str, None], ...]] = []  # declared, per input
         _Builder(self, model).build()
 
     def tensor(self, onnx_name: str) -> torch.Tensor:
@@ -750,18 +759,23 @@ class OnnxMirror(nn.Module):
         return self._compiled[name]
 
     def forward(self, *inputs: torch.Tensor) -> Any:
-        return self._run(inputs, None)
+        return self._run(inputs, self._recording)
 
-    def trace(
-        self, inputs: Sequence[torch.Tensor], nodes: Sequence[str]
-    ) -> Tuple[Any, Dict[str, Tuple[Tuple[Any, ...], Tuple[Any, ...]]]]:
-        """Run and also return {node: (its inputs, its outputs)} for the named nodes."""
-        records: Dict[str, Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = {}
-        wanted = set(nodes)
-        missing = wanted - set(self._step_names)
+    @contextlib.contextmanager
+    def recording(self, nodes: Sequence[str]) -> Iterator[Dict[str, Tuple[tuple, tuple]]]:
+        """While active, each forward also fills {node: (its inputs, its outputs)}.
+
+        Works through wrappers (normalization, attacks) since it lives on the module.
+        """
+        missing = set(nodes) - set(self._step_names)
         if missing:
             raise GdwsError(f"mirror: no runtime node named {sorted(missing)[0]!r}")
-        return self._run(tuple(inputs), (wanted, records)), records
+        records: Dict[str, Tuple[tuple, tuple]] = {}
+        self._recording = (set(nodes), records)
+        try:
+            yield records
+        finally:
+            self._recording = None
 
     def _run(self, inputs: Tuple[torch.Tensor, ...], recording: Any) -> Any:
         if len(inputs) != len(self._input_slots):
@@ -842,6 +856,7 @@ class _Builder:
         input_slots = []
         for graph_input in self.graph.input:
             if graph_input.name not in self.kinds:
+                self.mirror.input_shapes.append(_declared_shape(graph_input))
                 self.kinds[graph_input.name] = DATA
                 self.data_slots[graph_input.name] = self.new_slot()
                 input_slots.append(self.data_slots[graph_input.name])
@@ -855,17 +870,17 @@ class _Builder:
             raise GdwsError(f"mirror: graph output {name!r} is never produced")
         return self.input_slot(name, DATA, host=self.kinds[name] == SHAPE, reference=None)
 
-    def add_node(self, node: onnx.NodeProto, name: str) -> None:
-        label = f"{node.op_type} node {name!r}"
+    def add_node(self, node: onnx.NodeProto, step_name: str) -> None:
+        label = f"{node.op_type} node {step_name!r}"
         if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
-            raise GdwsError(f"mirror: unsupported op {node.op_type} in node {name!r}")
-        for name in node.input:
-            if name not in self.kinds:
-                raise GdwsError(f"mirror: {label} reads {name!r}, which nothing produces before")
-        consts = [self.values.get(name) for name in node.input]
-        info = NodeInfo(node, name, _attributes(node), consts, self.opset)
+            raise GdwsError(f"mirror: unsupported op {node.op_type} in node {step_name!r}")
+        for tensor in node.input:
+            if tensor not in self.kinds:
+                raise GdwsError(f"mirror: {label} reads {tensor!r}, which nothing produces before")
+        consts = [self.values.get(tensor) for tensor in node.input]
+        info = NodeInfo(node, step_name, _attributes(node), consts, self.opset)
         fn = _OPS[node.op_type](info)
-        kinds = {self.kinds[name] for name in node.input if name}
+        kinds = {self.kinds[tensor] for tensor in node.input if tensor}
         if kinds <= {CONST}:
             self.fold(node, fn)
             return
@@ -875,19 +890,20 @@ class _Builder:
             kind = DATA if kinds & {DATA, PARAM} else SHAPE
         host = _HOST_INPUTS[node.op_type]
         reference = next(
-            (self.data_slots[n] for n in node.input if n and self.kinds[n] in (DATA, PARAM)), None
+            (self.data_slots[t] for t in node.input if t and self.kinds[t] in (DATA, PARAM)), None
         )
         slots = tuple(
-            self.input_slot(name, kind, i in host, reference) for i, name in enumerate(node.input)
+            self.input_slot(tensor, kind, i in host, reference)
+            for i, tensor in enumerate(node.input)
         )
         outs = []
-        for name in node.output:
-            self.kinds[name] = kind
+        for tensor in node.output:
+            self.kinds[tensor] = kind
             slot = self.new_slot()
-            (self.host_slots if kind == SHAPE else self.data_slots)[name] = slot
+            (self.host_slots if kind == SHAPE else self.data_slots)[tensor] = slot
             outs.append(slot)
-        self.add_step(name, fn, slots, tuple(outs))
-        self.compiled[name] = fn
+        self.add_step(step_name, fn, slots, tuple(outs))
+        self.compiled[step_name] = fn
 
     def add_step(self, name: str, fn: Compiled, ins: Tuple[int, ...], outs: Tuple[int, ...]):
         self.steps.append((fn, ins, outs))
