@@ -143,6 +143,31 @@ class Normalized(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+def parse_channels(text: Optional[str], what: str) -> Optional[List[float]]:
+    """'0.49,0.48,0.45' -> [0.49, 0.48, 0.45]; None or '' -> None."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return [float(part) for part in str(text).split(",")]
+    except ValueError as error:
+        raise GdwsError(f"{what} must be comma-separated numbers, got {text!r}") from error
+
+
+def with_normalization(
+    model: nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]], channels: int
+) -> nn.Module:
+    """`model` itself without mean/std, else Normalized; each has 1 or `channels` values."""
+    if not mean and not std:
+        return model
+    mean, std = list(mean or [0.0]), list(std or [1.0])
+    for what, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise GdwsError(
+                f"--{what} has {len(values)} values, the images have {channels} channels"
+            )
+    return Normalized(model, mean, std)
+
+
 # ----------------------------------------------------------------------------------------
 # Geometry: per-sample norms, steepest-ascent directions, exact projections
 

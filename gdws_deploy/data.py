@@ -52,8 +52,14 @@ class Dataset:
         for start in range(0, len(self), batch_size):
             yield self.x[start : start + batch_size], self.y[start : start + batch_size]
 
-    def check_model(self, input_shape: Sequence[Dim], num_classes: int) -> None:
-        """GdwsError unless the model takes these images and has a class for every label."""
+    def check_model(
+        self, input_shape: Sequence[Dim], count_classes: Callable[[np.ndarray], int]
+    ) -> None:
+        """GdwsError unless the model takes these images and has a class for every label.
+
+        input_shape: the model's declared input dims; count_classes(first image batch)
+        runs the model once, after the shape has been found to fit.
+        """
         expected = list(input_shape[1:])
         actual = list(self.x.shape[1:])
         fits = len(expected) == len(actual) and all(
@@ -65,6 +71,7 @@ class Dataset:
                 f"dataset {self.name} has images of shape {tuple(actual)}, "
                 f"the model takes ({shown})"
             )
+        num_classes = count_classes(self.x[:1])
         if self.y.max(initial=0) >= num_classes:
             raise GdwsError(
                 f"dataset {self.name} has label {int(self.y.max())}, the model has only "
