@@ -118,27 +118,8 @@ def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, num_classes))
 
 
-class WideBlock(nn.Module):
-    """Pre-activation wide block (Zagoruyko & Komodakis 2016)."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = _conv3x3(in_channels, out_channels, stride)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.conv2 = _conv3x3(out_channels, out_channels)
-        needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = _projection(in_channels, out_channels, stride) if needs_projection else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(torch.relu(self.bn2(self.conv1(out))))
-        return out + skip
-
-
 def wide_resnet(depth: int = 28, widen: int = 4, num_classes: int = 10, in_channels: int = 3):
-    """WideResNet-depth-widen: three stages of (depth-4)/6 wide blocks."""
+    """WideResNet-depth-widen: three stages of (depth-4)/6 pre-activation blocks."""
     blocks_per_stage = (depth - 4) // 6
     widths = (16 * widen, 32 * widen, 64 * widen)
     layers = [_conv3x3(in_channels, 16)]
@@ -146,7 +127,7 @@ def wide_resnet(depth: int = 28, widen: int = 4, num_classes: int = 10, in_chann
     for stage, stage_width in enumerate(widths):
         for index in range(blocks_per_stage):
             stride = 2 if stage > 0 and index == 0 else 1
-            layers.append(WideBlock(width, stage_width, stride))
+            layers.append(PreActBlock(width, stage_width, stride))
             width = stage_width
     layers += [
         nn.BatchNorm2d(width),
