@@ -22,6 +22,8 @@ VERBS = {
     "bench": "gdws_deploy.commands.bench:bench_command",
     "trtexec": "gdws_deploy.commands.trtexec:trtexec_command",
     "convert": "gdws_deploy.commands.convert:convert_command",
+    "alphas": "gdws_deploy.commands.alphas:alphas_command",
+    "eval": "gdws_deploy.commands.eval:eval_command",
 }
 
 

@@ -1,0 +1,211 @@
+"""Robust accuracy of the deployed model: attacks from the mirror, verdicts from the runtime.
+
+Gradients come from the torch mirror of the ONNX graph; every prediction that counts comes
+from the backend that serves the model (onnxruntime here, a TensorRT engine on the Jetson),
+so a converted model is judged by what actually runs. The report also gives the mirror's
+own accuracy and how often the two disagree, which bounds what the mirror can be trusted
+for. Only samples the backend classifies correctly are attacked; the others count as
+broken either way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from gdws_deploy.attacks import Attack, with_normalization, worst_case
+from gdws_deploy.data import Dataset
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.graph import load_model
+from gdws_deploy.mirror import OnnxMirror
+from gdws_deploy.runtime.runner import Runner
+
+# backend name -> ("module:class", which file it loads: the ONNX "model" or an "engine").
+# Classes are imported only when chosen, so `ort` works where TensorRT is not installed.
+BACKENDS: Dict[str, Tuple[str, str]] = {
+    "ort": ("gdws_deploy.runtime.runner:OrtRunner", "model"),
+    "trt": ("gdws_deploy.runtime.trt_runner:TrtRunner", "engine"),
+}
+Z_95 = 1.959963984540054
+# progress(samples done, samples total)
+Progress = Callable[[int, int], None]
+
+
+def open_backend(
+    name: str, model: Union[str, Path], engine: Optional[Union[str, Path]] = None
+) -> Runner:
+    """The (not yet activated) runner of backend `name` for this model or engine."""
+    if name not in BACKENDS:
+        raise GdwsError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    target, source_kind = BACKENDS[name]
+    source = model if source_kind == "model" else engine
+    if source is None:
+        raise GdwsError(f"backend {name} runs a serialized engine: give --engine")
+    module, attribute = target.split(":")
+    try:
+        runner_class = getattr(importlib.import_module(module), attribute)
+    except ImportError as error:
+        raise GdwsError(f"backend {name} is not available here: {error}") from error
+    return runner_class(source)
+
+
+def wilson_interval(successes: int, total: int, z: float = Z_95) -> Tuple[float, float]:
+    """Wilson score interval of a binomial proportion (sound at 0% and 100%)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = successes / total
+    scale = 1 + z * z / total
+    center = (p + z * z / (2 * total)) / scale
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / scale
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Accuracies are fractions in [0, 1]; disagreements count samples where mirror and
+    backend predict different classes (clean inputs, adversarial inputs)."""
+
+    model: str
+    backend: str
+    dataset: str
+    samples: int
+    clean_acc: float
+    robust_acc: float
+    robust_ci95: Tuple[float, float]
+    mirror_clean_acc: float
+    mirror_robust_acc: float
+    disagreements_clean: int
+    disagreements_adv: int
+    attacks: List[Dict]
+    mean: Optional[List[float]]
+    std: Optional[List[float]]
+    seed: int
+    seconds: float
+
+    def to_dict(self) -> Dict:
+        record = asdict(self)
+        record["robust_ci95"] = list(self.robust_ci95)
+        record["disagreements"] = self.disagreements_clean + self.disagreements_adv
+        return record
+
+
+@dataclass
+class _Counts:
+    clean: int = 0
+    robust: int = 0
+    mirror_clean: int = 0
+    mirror_robust: int = 0
+    disagree_clean: int = 0
+    disagree_adv: int = 0
+    seen: int = 0
+
+
+def evaluate(
+    model_path: Union[str, Path],
+    dataset: Dataset,
+    attacks: Sequence[Attack],
+    backend: str = "ort",
+    engine: Optional[Union[str, Path]] = None,
+    batch_size: int = 128,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    seed: int = 0,
+    progress: Optional[Progress] = None,
+) -> EvalReport:
+    """Clean and robust accuracy of `model_path` on `dataset` under the worst of `attacks`."""
+    start = time.perf_counter()
+    runner = open_backend(backend, model_path, engine)
+    mirror = OnnxMirror(load_model(model_path).model)
+    target = with_normalization(mirror, mean, std, dataset.x.shape[1])
+    with torch.no_grad():
+        dataset.check_model(mirror.input_shapes[0], lambda x: target(torch.from_numpy(x)).shape[1])
+    _check_batch(mirror.input_shapes[0], batch_size, len(dataset))
+    generator = torch.Generator().manual_seed(seed)
+    counts = _Counts()
+    with runner:
+        for x_batch, y_batch in dataset.batches(batch_size):
+            _evaluate_batch(runner, target, attacks, x_batch, y_batch, mean, std, generator, counts)
+            if progress is not None:
+                progress(counts.seen, len(dataset))
+    n = counts.seen
+    return EvalReport(
+        model=str(model_path),
+        backend=backend,
+        dataset=dataset.name,
+        samples=n,
+        clean_acc=counts.clean / n,
+        robust_acc=counts.robust / n,
+        robust_ci95=wilson_interval(counts.robust, n),
+        mirror_clean_acc=counts.mirror_clean / n,
+        mirror_robust_acc=counts.mirror_robust / n,
+        disagreements_clean=counts.disagree_clean,
+        disagreements_adv=counts.disagree_adv,
+        attacks=[attack.to_dict() for attack in attacks],
+        mean=list(mean) if mean else None,
+        std=list(std) if std else None,
+        seed=seed,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _evaluate_batch(
+    runner: Runner,
+    target: Callable[[torch.Tensor], torch.Tensor],
+    attacks: Sequence[Attack],
+    x_batch: np.ndarray,
+    y_batch: np.ndarray,
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    generator: torch.Generator,
+    counts: _Counts,
+) -> None:
+    x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
+    backend_clean = _backend_predict(runner, x_batch, mean, std)
+    with torch.no_grad():
+        mirror_clean = target(x).argmax(1).numpy()
+    correct = np.flatnonzero(backend_clean == y_batch)
+    x_adv = x.clone()
+    if len(correct) and attacks:
+        chosen = torch.from_numpy(correct)
+        x_adv[chosen] = worst_case(target, x[chosen], y[chosen], attacks, generator).x_adv
+    backend_adv = _backend_predict(runner, x_adv.numpy(), mean, std)
+    with torch.no_grad():
+        mirror_adv = target(x_adv).argmax(1).numpy()
+    counts.clean += int((backend_clean == y_batch).sum())
+    counts.robust += int((backend_adv == y_batch).sum())
+    counts.mirror_clean += int((mirror_clean == y_batch).sum())
+    counts.mirror_robust += int((mirror_adv == y_batch).sum())
+    counts.disagree_clean += int((mirror_clean != backend_clean).sum())
+    counts.disagree_adv += int((mirror_adv != backend_adv).sum())
+    counts.seen += len(y_batch)
+
+
+def _backend_predict(
+    runner: Runner,
+    x: np.ndarray,
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+) -> np.ndarray:
+    if mean or std:
+        shape = (1, -1, 1, 1)
+        x = (x - np.reshape(mean or [0.0], shape)) / np.reshape(std or [1.0], shape)
+    return np.asarray(runner.infer(x.astype(np.float32))).argmax(1)
+
+
+def _check_batch(input_shape: Sequence, batch_size: int, samples: int) -> None:
+    """A model exported with a fixed batch only takes batches of exactly that size."""
+    fixed = input_shape[0] if input_shape else None
+    if not isinstance(fixed, int) or fixed <= 0:
+        return
+    if batch_size != fixed or samples % fixed:
+        raise GdwsError(
+            f"the model has a fixed batch size of {fixed}: use --batch-size {fixed} and a "
+            f"sample count (--limit) divisible by it, or export with a dynamic batch"
+        )
