@@ -1,0 +1,151 @@
+"""`eval`: attacks from the mirror, verdicts from the deployed runtime, honest intervals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from gdws_deploy.attacks import make_attacks
+from gdws_deploy.data import load_dataset
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.evaluate import evaluate, open_backend, wilson_interval
+from gdws_deploy.runtime.runner import OrtRunner
+from models.export import export_onnx
+from tests.cli_run import assert_one_line_error, run_cli
+from tests.digits_fixtures import (
+    DIGITS_SHAPE,
+    export_trained_digits_cnn,
+    one_torch_thread,  # noqa: F401
+    trained_digits_cnn,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+MEAN, STD = 0.3, 0.45
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    return export_trained_digits_cnn(tmp_path_factory.mktemp("eval") / "digits.onnx")
+
+
+class _ExpectsNormalized(nn.Module):
+    """The trained CNN behind an input normalization it expects the caller to have done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = trained_digits_cnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * STD + MEAN)
+
+
+def test_wilson_interval_matches_known_values():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert wilson_interval(100, 100)[1] == 1.0
+
+
+def test_clean_accuracy_is_the_backends_and_attacks_lower_it(digits_model):
+    data = load_dataset("digits", limit=120)
+    attacks = make_attacks("pgd-linf,apgd-dlr", {"*": 0.1}, steps=5)
+    report = evaluate(digits_model, data, attacks, batch_size=50, seed=1)
+    session = ort.InferenceSession(str(digits_model), providers=["CPUExecutionProvider"])
+    direct = session.run(None, {"input": data.x})[0].argmax(1)
+    assert report.clean_acc == pytest.approx((direct == data.y).mean())
+    assert report.samples == 120 and report.backend == "ort"
+    assert report.robust_acc < report.clean_acc - 0.2
+    low, high = report.robust_ci95
+    assert low < report.robust_acc < high
+    assert report.disagreements_clean == 0
+    assert report.mirror_clean_acc == report.clean_acc
+    assert abs(report.mirror_robust_acc - report.robust_acc) <= report.disagreements_adv / 120
+    assert [a["name"] for a in report.attacks] == ["pgd-linf", "apgd-dlr"]
+
+
+def test_stronger_union_never_raises_robust_accuracy(digits_model):
+    data = load_dataset("digits", limit=100)
+    single = evaluate(digits_model, data, make_attacks("pgd-linf", {"*": 0.08}, steps=5), seed=0)
+    union = evaluate(
+        digits_model,
+        data,
+        make_attacks("pgd-linf,pgd-l2", {"linf": 0.08, "l2": 0.6}, steps=5),
+        seed=0,
+    )
+    assert union.robust_acc <= single.robust_acc
+
+
+def test_normalization_happens_inside_model_input_only(digits_model, tmp_path):
+    normalized = export_onnx(_ExpectsNormalized(), tmp_path / "norm.onnx", input_shape=DIGITS_SHAPE)
+    data = load_dataset("digits", limit=100)
+    attacks = make_attacks("pgd-linf", {"*": 0.1}, steps=5)
+    plain = evaluate(digits_model, data, attacks, seed=2)
+    wrapped = evaluate(normalized, data, attacks, mean=[MEAN], std=[STD], seed=2)
+    assert wrapped.clean_acc == plain.clean_acc
+    assert wrapped.robust_acc == pytest.approx(plain.robust_acc, abs=0.03)
+    assert wrapped.mean == [MEAN] and wrapped.std == [STD]
+
+
+def test_backends_are_looked_up_by_name(digits_model):
+    assert isinstance(open_backend("ort", digits_model), OrtRunner)
+    with pytest.raises(GdwsError, match="give --engine"):
+        open_backend("trt", digits_model)
+    with pytest.raises(GdwsError, match="unknown backend 'tvm'"):
+        open_backend("tvm", digits_model)
+
+
+def test_fixed_batch_model_needs_matching_batches(tmp_path):
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(
+        trained_digits_cnn(), (torch.zeros(4, 1, 8, 8),), str(fixed), dynamo=False, opset_version=17
+    )
+    data = load_dataset("digits", limit=8)
+    with pytest.raises(GdwsError, match="fixed batch size of 4"):
+        evaluate(fixed, data, [], batch_size=8)
+    report = evaluate(fixed, data, [], batch_size=4)
+    assert report.robust_acc == report.clean_acc  # no attack: nothing changes
+
+
+def test_cli_prints_table_and_writes_json(digits_model, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    result = run_cli(
+        capsys,
+        *("eval", digits_model, "--dataset", "digits", "--limit", "40", "--steps", "2"),
+        *("--attack", "pgd-linf,pgd-l1", "--eps", "linf=4/255,l1=1", "--json", out),
+    )
+    assert result.code == 0, result.err
+    assert "robust accuracy" in result.out and "95% CI" in result.out
+    report = json.loads(out.read_text())
+    expected = {"clean_acc", "robust_acc", "robust_ci95", "mirror_clean_acc", "mirror_robust_acc"}
+    assert expected | {"disagreements", "attacks", "seconds", "samples", "backend"} <= set(report)
+    assert report["attacks"][0]["eps"] == pytest.approx(4 / 255)
+    assert report["attacks"][1]["eps"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--eps", "-8/255"], "--eps must be a finite number >= 0"),
+        (["--attack", "fgsm"], "unknown attack 'fgsm'"),
+        (["--dataset", "npz:{tmp}/cifar.npz"], "has images of shape (3, 32, 32)"),
+        (["--dataset", "npz:{tmp}/missing.npz"], "does not exist"),
+        (["--backend", "tvm"], "unknown backend 'tvm'"),
+        (["--backend", "trt"], "give --engine"),
+        (["--json", "{model}"], "is the input file"),
+        (["--std", "0"], "std must be positive"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
+def test_cli_bad_input_is_one_line(digits_model, tmp_path, capsys, extra, fragment):
+    np.savez(tmp_path / "cifar.npz", x=np.zeros((2, 3, 32, 32), np.float32), y=np.zeros(2, int))
+    args = [a.format(tmp=tmp_path, model=digits_model) for a in extra]
+    if "--dataset" not in args:
+        args += ["--dataset", "digits"]
+    before = digits_model.read_bytes()
+    result = run_cli(capsys, "eval", digits_model, *args, "--limit", "4")
+    assert_one_line_error(result, fragment)
+    assert digits_model.read_bytes() == before
