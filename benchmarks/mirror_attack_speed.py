@@ -1,0 +1,96 @@
+"""Does attacking through the ONNX mirror cost more than attacking the torch model itself?
+
+For CIFAR-size networks with seeded random weights (BatchNorm statistics randomized), this
+runs the same PGD-10 (l_inf 8/255, step 2/255, same seed) on the native torch module and on
+gdws_deploy.mirror's module built from its ONNX export, same weights and batch, alternating
+the two so machine load hits both alike, and prints mirror / native (goal: <= 1.2) as the
+best of --repeat runs, in wall-clock and CPU time. It first checks both give the same logits.
+
+    .venv/bin/python benchmarks/mirror_attack_speed.py [--batch 32] [--repeat 3] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gdws_deploy.attacks import pgd
+from gdws_deploy.mirror import load_mirror
+from models.export import export_onnx
+from models.networks import ARCHITECTURES, randomize_batchnorm
+
+GOAL = 1.2
+DEFAULT_ARCHITECTURES = ("preactresnet18", "vgg16")
+
+
+def elapsed(work: Callable[[], object]) -> Tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def best_of(works: Sequence[Callable[[], object]], repeat: int) -> List[Tuple[float, float]]:
+    """Best (wall, CPU) seconds of each piece of work, run in turn `repeat` times."""
+    runs = [[elapsed(work) for work in works] for _ in range(repeat)]
+    return [tuple(min(times) for times in zip(*column)) for column in zip(*runs)]
+
+
+def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        generator = torch.Generator().manual_seed(0)
+        return pgd(model, x, y, "linf", 8 / 255, 10, 2 / 255, generator=generator)
+
+    return run
+
+
+def measure(arch: str, folder: Path, batch: int, repeat: int) -> List[Tuple[float, float]]:
+    torch.manual_seed(0)
+    native = randomize_batchnorm(ARCHITECTURES[arch]())
+    mirror = load_mirror(export_onnx(native, folder / f"{arch}.onnx"))
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(mirror(x), native(x), rtol=1e-4, atol=1e-5)
+    attack(native, x[:2], y[:2])()  # warm up both (kernel selection, allocator)
+    attack(mirror, x[:2], y[:2])()
+    return best_of([attack(native, x, y), attack(mirror, x, y)], repeat)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHITECTURES))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args(list(argv) or None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"PGD-10 (l_inf 8/255) at batch {args.batch}, {torch.get_num_threads()} thread(s), "
+        f"best of {args.repeat}:"
+    )
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        for arch in args.arch:
+            native, mirror = measure(arch, Path(folder), args.batch, args.repeat)
+            worst = max(worst, mirror[0] / native[0])
+            print(
+                f"{arch:16s} wall: native {native[0]:7.3f}s mirror {mirror[0]:7.3f}s "
+                f"ratio {mirror[0] / native[0]:4.2f}x | CPU: native {native[1]:7.3f}s "
+                f"mirror {mirror[1]:7.3f}s ratio {mirror[1] / native[1]:4.2f}x"
+            )
+    verdict = "meets" if worst <= GOAL else "misses"
+    print(f"worst wall-clock ratio {worst:.2f}x {verdict} the {GOAL}x goal")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
