@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import best_of
 from gdws_deploy.alphas import (
     AlphaSums,
     accumulate_alphas,
@@ -48,18 +48,6 @@ MODELS = {
     "small_vgg": (small_vgg, (1, 32, 32), 32),
     "resnet18": (resnet18, (3, 32, 32), 8),
 }
-
-
-def elapsed(work: Callable[[], object]) -> Tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    work()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def best_of(works: Sequence[Callable[[], object]], repeat: int) -> List[Tuple[float, float]]:
-    """Best (wall, CPU) seconds of each piece of work, run in turn `repeat` times."""
-    runs = [[elapsed(work) for work in works] for _ in range(repeat)]
-    return [tuple(min(times) for times in zip(*column)) for column in zip(*runs)]
 
 
 def measure(name: str, folder: Path, repeat: int) -> List[Tuple[float, float]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import best_of
 from gdws_deploy.attacks import pgd
 from gdws_deploy.mirror import load_mirror
 from models.export import export_onnx
@@ -29,18 +29,6 @@ from models.networks import ARCHITECTURES, randomize_batchnorm
 
 GOAL = 1.2
 DEFAULT_ARCHITECTURES = ("preactresnet18", "vgg16")
-
-
-def elapsed(work: Callable[[], object]) -> Tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    work()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def best_of(works: Sequence[Callable[[], object]], repeat: int) -> List[Tuple[float, float]]:
-    """Best (wall, CPU) seconds of each piece of work, run in turn `repeat` times."""
-    runs = [[elapsed(work) for work in works] for _ in range(repeat)]
-    return [tuple(min(times) for times in zip(*column)) for column in zip(*runs)]
 
 
 def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:

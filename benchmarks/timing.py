@@ -1,0 +1,19 @@
+"""Side-by-side timing for the benchmarks: alternate the contenders, keep each one's best."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Sequence, Tuple
+
+
+def elapsed(work: Callable[[], object]) -> Tuple[float, float]:
+    """(wall, CPU) seconds; CPU time (all threads) moves less when others load the machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def best_of(works: Sequence[Callable[[], object]], repeat: int) -> List[Tuple[float, float]]:
+    """Best (wall, CPU) of each piece of work, run in turn `repeat` times so load hits all."""
+    runs = [[elapsed(work) for work in works] for _ in range(repeat)]
+    return [tuple(min(times) for times in zip(*column)) for column in zip(*runs)]
