@@ -205,9 +205,10 @@ def compute_alphas(
         raise GdwsError(f"{model_path} has no Conv that GDWS can rewrite")
     mirror = OnnxMirror(loaded.model)
     model = with_normalization(mirror, mean, std, dataset.x.shape[1])
-    dataset.check_model(
-        mirror.input_shapes[0], lambda sample: model(torch.from_numpy(sample)).shape[1]
-    )
+    with torch.no_grad():
+        dataset.check_model(
+            mirror.input_shapes[0], lambda sample: model(torch.from_numpy(sample)).shape[1]
+        )
     generator = torch.Generator().manual_seed(seed)
     sums = AlphaSums()
     done = 0

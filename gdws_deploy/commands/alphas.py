@@ -17,7 +17,7 @@ from gdws_deploy.commands.eval import BatchProgress, dataset_options
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), required=True, help="npz to write."
 )
-@dataset_options
+@dataset_options(batch_size=32)  # memory grows with batch x classes x activations
 @click.option(
     "--attack",
     type=click.Choice(["pgd", "none"]),

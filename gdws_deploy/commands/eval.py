@@ -50,24 +50,30 @@ class BatchProgress:
         self.bar.update(self.bar.task_ids[0], completed=done)
 
 
-def dataset_options(command: Callable) -> Callable:
+def dataset_options(batch_size: int) -> Callable[[Callable], Callable]:
     """--dataset, --limit, --batch-size, --mean, --std, --seed: shared by eval and alphas."""
     options = [
         click.option("--dataset", required=True, metavar="SPEC", help=DATASET_HELP),
         click.option("--limit", type=click.IntRange(min=1), help="Use the first N samples."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True
+        ),
         click.option("--mean", metavar="M[,M...]", help="Per-channel mean the model expects."),
         click.option("--std", metavar="S[,S...]", help="Per-channel std the model expects."),
         click.option("--seed", type=int, default=0, show_default=True),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
-@dataset_options
+@dataset_options(batch_size=128)
 @click.option(
     "--backend",
     default="ort",
