@@ -28,7 +28,7 @@ import onnx
 import torch
 import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 from onnx import helper, numpy_helper
-from torch import nn
+from torch import Tensor, nn
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.graph import load_model, node_name
@@ -91,11 +91,6 @@ def _op(*names: str, host: Tuple[int, ...] = ()) -> Callable:
         return compiler
 
     return register
-
-
-def supported_ops() -> List[str]:
-    """The ONNX op types (default domain) the mirror can run."""
-    return sorted(_OPS)
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,8 +232,12 @@ class SpatialPadding:
     """ONNX `pads`/`auto_pad` for the spatial axes, resolved at build time when static."""
 
     def __init__(
-        self, attrs: Dict[str, Any], kernel: Sequence[int], strides: Sequence[int], dilations
-    ):
+        self,
+        attrs: Dict[str, Any],
+        kernel: Sequence[int],
+        strides: Sequence[int],
+        dilations: Sequence[int],
+    ) -> None:
         rank = len(kernel)
         self.auto_pad = attrs.get("auto_pad", b"NOTSET")
         self.auto_pad = (
@@ -289,9 +288,10 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _kernel_shape(info: NodeInfo) -> List[int]:
+    """From the attribute, else (convolutions) from the weight's build-time shape."""
     if "kernel_shape" in info.attrs:
         return [int(k) for k in info.attrs["kernel_shape"]]
-    weight = info.consts[1] if len(info.consts) > 1 else None
+    weight = info.const(1)
     if weight is None:
         raise GdwsError(
             f"mirror: {info.node.op_type} node {info.name!r} has no kernel_shape and its "
@@ -301,8 +301,7 @@ def _kernel_shape(info: NodeInfo) -> List[int]:
 
 
 def _geometry(info: NodeInfo) -> Tuple[List[int], List[int], List[int]]:
-    kernel = _kernel_shape(info) if info.node.op_type.startswith("Conv") else None
-    kernel = kernel or [int(k) for k in info.attrs["kernel_shape"]]
+    kernel = _kernel_shape(info)
     rank = len(kernel)
     strides = [int(s) for s in info.attrs.get("strides", [1] * rank)]
     dilations = [int(d) for d in info.attrs.get("dilations", [1] * rank)]
@@ -381,7 +380,7 @@ def _conv_transpose(info: NodeInfo) -> Compiled:
 def _batch_norm(info: NodeInfo) -> Compiled:
     eps = float(info.attrs.get("epsilon", 1e-5))
 
-    def batch_norm(x, scale, bias, mean, var):  # type: ignore[no-untyped-def]
+    def batch_norm(x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
 
     return batch_norm
@@ -393,7 +392,7 @@ def _gemm(info: NodeInfo) -> Compiled:
     beta = float(info.attrs.get("beta", 1.0))
     trans_a = int(info.attrs.get("transA", 0))
     trans_b = int(info.attrs.get("transB", 0))
-    bias = info.consts[2] if info.has_input(2) else None
+    bias = info.const(2)
     plain = alpha == 1.0 and beta == 1.0 and not trans_a and trans_b
     if plain and (not info.has_input(2) or (bias is not None and bias.ndim == 1)):
         return F.linear
@@ -553,7 +552,13 @@ def _gather(info: NodeInfo) -> Compiled:
     return gather
 
 
-def _slice_tensor(x, starts, ends, axes=None, steps=None):  # type: ignore[no-untyped-def]
+def _slice_tensor(
+    x: Tensor,
+    starts: List[int],
+    ends: List[int],
+    axes: Optional[List[int]] = None,
+    steps: Optional[List[int]] = None,
+) -> Tensor:
     """ONNX Slice semantics (clamping as Python's slices do, negative steps included)."""
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
@@ -612,7 +617,7 @@ def _pad(info: NodeInfo) -> Compiled:
     def value_of(constant: Any) -> float:
         return 0.0 if constant is None else float(constant.reshape(-1)[0])
 
-    def run(x, pads, constant=None, axes=None):  # type: ignore[no-untyped-def]
+    def run(x: Tensor, pads: Tensor, constant: Any = None, axes: Any = None) -> Tensor:
         axes = _int_list(axes) if axes is not None else None
         return pad(x, _int_list(pads), value_of(constant), axes)
 

@@ -364,6 +364,35 @@ def test_single_op_matches_onnxruntime(case: str):
     assert_same_as_ort(single_node_model(op, feeds, inputs, consts, **attrs), feeds)
 
 
+POSITIVE = np.abs(X) + 0.1
+BOOLS = RNG.random((3, 4)) > 0.5
+ELEMENTWISE = {
+    "Neg": {"x": X},
+    "Exp": {"x": X},
+    "Log": {"x": POSITIVE},
+    "Sqrt": {"x": POSITIVE},
+    "Abs": {"x": X},
+    "Floor": {"x": X * 3},
+    "Ceil": {"x": X * 3},
+    "Erf": {"x": X},
+    "Reciprocal": {"x": POSITIVE},
+    "Not": {"x": BOOLS},
+    "Pow": {"x": POSITIVE, "y": X},
+    "Less": {"x": X, "y": X[:, :1]},
+    "LessOrEqual": {"x": np.round(X), "y": np.round(X[:1])},
+    "Greater": {"x": X, "y": X[:, :1]},
+    "GreaterOrEqual": {"x": np.round(X), "y": np.round(X[:1])},
+    "And": {"x": BOOLS, "y": BOOLS[:1]},
+    "Or": {"x": BOOLS, "y": ~BOOLS},
+}
+
+
+@pytest.mark.parametrize("op", sorted(ELEMENTWISE))
+def test_elementwise_op_matches_onnxruntime(op: str):
+    feeds = ELEMENTWISE[op]
+    assert_same_as_ort(single_node_model(op, feeds, list(feeds)), feeds)
+
+
 OLD_OPSET_CASES = {
     "softmax_opset11_coerces_to_2d": ("Softmax", ["x"], {}, dict(axis=2), 11),
     "squeeze_opset11_axes_attribute": ("Squeeze", ["x"], {}, dict(axes=[1]), 11),
