@@ -475,7 +475,7 @@ def _flatten(info: NodeInfo) -> Compiled:
     axis = int(info.attrs.get("axis", 1))
     if axis == 1:
         return lambda x: x.reshape(x.shape[0], -1)
-    return lambda x: x.reshape(math.prod(x.shape[: axis % (x.dim() + 1)]), -1)
+    return lambda x: x.reshape(math.prod(x.shape[: axis if axis >= 0 else axis + x.dim()]), -1)
 
 
 @_op("Reshape", host=(1,))
@@ -487,8 +487,8 @@ def _reshape(info: NodeInfo) -> Compiled:
             return shape
         return [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
 
-    if info.consts[1] is not None:
-        shape = _int_list(info.consts[1])
+    if info.const(1) is not None:
+        shape = _int_list(info.const(1))
         if allow_zero or 0 not in shape:
             return lambda x, _: x.reshape(shape)
         return lambda x, _: x.reshape(target(x, shape))
@@ -537,7 +537,7 @@ def _unsqueeze(info: NodeInfo) -> Compiled:
 @_op("Gather")
 def _gather(info: NodeInfo) -> Compiled:
     axis = int(info.attrs.get("axis", 0))
-    indices = info.consts[1]
+    indices = info.const(1)
     if indices is not None and indices.ndim == 0:
         position = int(indices)
         return lambda data, _: data.select(axis, position)
@@ -545,9 +545,10 @@ def _gather(info: NodeInfo) -> Compiled:
         return lambda data, index: torch.index_select(data, axis, index)
 
     def gather(data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        index = torch.where(index < 0, index + data.shape[axis], index)
-        picked = torch.index_select(data, axis, index.reshape(-1))
-        return picked.reshape(*data.shape[:axis], *index.shape, *data.shape[axis + 1 :])
+        dim = axis % data.dim()
+        index = torch.where(index < 0, index + data.shape[dim], index)
+        picked = torch.index_select(data, dim, index.reshape(-1))
+        return picked.reshape(*data.shape[:dim], *index.shape, *data.shape[dim + 1 :])
 
     return gather
 

@@ -257,6 +257,7 @@ CASES = {
     "global_max_pool": ("GlobalMaxPool", {"x": X}, ["x"], {}, {}),
     "flatten_axis_2": ("Flatten", {"x": X}, ["x"], {}, dict(axis=2)),
     "flatten_axis_0": ("Flatten", {"x": X}, ["x"], {}, dict(axis=0)),
+    "flatten_negative_axis": ("Flatten", {"x": X}, ["x"], {}, dict(axis=-1)),
     "reshape_zero_copies": ("Reshape", {"x": X}, ["x", "s"], {"s": np.array([0, -1, 6], I64)}, {}),
     "transpose": ("Transpose", {"x": X}, ["x"], {}, dict(perm=[0, 2, 3, 1])),
     "transpose_default_reverses": ("Transpose", {"x": X}, ["x"], {}, {}),
@@ -269,6 +270,13 @@ CASES = {
         dict(axis=1),
     ),
     "gather_scalar": ("Gather", {"x": X}, ["x", "i"], {"i": np.array(-1, I64)}, dict(axis=2)),
+    "gather_negative_axis": (
+        "Gather",
+        {"x": X},
+        ["x", "i"],
+        {"i": np.array([[1], [-2]], I64)},
+        dict(axis=-2),
+    ),
     "gather_2d_negative": (
         "Gather",
         {"x": X},
