@@ -597,7 +597,7 @@ def _pad(info: NodeInfo) -> Compiled:
     mode = info.attrs.get("mode", b"constant")
     mode = _PAD_MODES[mode.decode() if isinstance(mode, bytes) else mode]
 
-    def pad(x: torch.Tensor, pads: List[int], value: float, axes: Optional[List[int]]):
+    def pad(x: Tensor, pads: List[int], value: float, axes: Optional[List[int]]) -> Tensor:
         rank = x.dim()
         axes = [a % rank for a in axes] if axes is not None else list(range(rank))
         begin, end = [0] * rank, [0] * rank
@@ -674,15 +674,19 @@ def _constant(info: NodeInfo) -> Compiled:
     return lambda: tensor
 
 
-_REDUCE = {"ReduceMean": torch.mean, "ReduceSum": torch.sum}
-_REDUCE_EXTREME = {"ReduceMax": torch.amax, "ReduceMin": torch.amin}
+_REDUCE = {
+    "ReduceMean": torch.mean,
+    "ReduceSum": torch.sum,
+    "ReduceMax": torch.amax,
+    "ReduceMin": torch.amin,
+}
 
 
-@_op(*_REDUCE, *_REDUCE_EXTREME, host=(1,))
+@_op(*_REDUCE, host=(1,))
 def _reduce(info: NodeInfo) -> Compiled:
     keep = bool(info.attrs.get("keepdims", 1))
     noop_empty = bool(info.attrs.get("noop_with_empty_axes", 0))
-    reduce = {**_REDUCE, **_REDUCE_EXTREME}[info.node.op_type]
+    reduce = _REDUCE[info.node.op_type]
 
     def run(x: torch.Tensor, axes: Optional[List[int]]) -> torch.Tensor:
         if not axes:

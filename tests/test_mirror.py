@@ -321,6 +321,8 @@ CASES = {
     "dropout_is_identity": ("Dropout", {"x": X}, ["x"], {}, {}),
     "reduce_mean_attr_axes": ("ReduceMean", {"x": X}, ["x"], {}, dict(axes=[1, 3], keepdims=0)),
     "reduce_sum_input_axes": ("ReduceSum", {"x": X}, ["x", "a"], {"a": np.array([-1], I64)}, {}),
+    "reduce_max_all_axes": ("ReduceMax", {"x": X}, ["x"], {}, dict(keepdims=0)),
+    "reduce_min": ("ReduceMin", {"x": X}, ["x"], {}, dict(axes=[0, 2])),
     "softmax": ("Softmax", {"x": X}, ["x"], {}, dict(axis=1)),
     "squeeze": ("Squeeze", {"x": _random(2, 1, 3, 1)}, ["x", "a"], {"a": np.array([3], I64)}, {}),
     "squeeze_all": ("Squeeze", {"x": _random(2, 1, 3, 1)}, ["x"], {}, {}),
