@@ -10,10 +10,12 @@ BatchNorm runs on its running statistics (the mirror has inference semantics onl
 
 Vectorized without per-sample loops: one forward records each conv's input and output;
 one batched backward (autograd's is_grads_batched, i.e. vmap over the J-1 margin
-directions) gives d(z_top - z_j)/d(conv output) for every sample and class at once; the
-weight gradient of sample n and class j is then G[j, n] @ patches(x_n)^T, formed for all
-(j, n) by one batched matmul per layer and reduced to channels right away, in chunks of
-classes that keep memory bounded.
+directions) gives G = d(z_top - z_j)/d(conv output) for every sample and class at once.
+The weight gradient of sample n and class j is G[j, n] @ patches(x_n)^T; its per-channel
+squared norms come from one batched matmul per layer, or where that costs less, from the
+Gram matrices of G and of the patches. Per-sample gradients are never all held at once.
+Same multiplications as a per-sample loop, done in large batches: the gain is largest for
+small models and on GPUs (benchmarks/alphas_speed.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.mirror import Conv, OnnxMirror
 
 SETTINGS_KEY = "__settings__"
-CHUNK_BYTES = 256 * 2**20  # per-layer scratch for per-(class, sample) weight gradients
+CHUNK_BYTES = 256 * 2**20  # scratch for one chunk of per-(sample, class) weight gradients
 _TINY = 1e-12  # a margin of exactly 0 (a tie) would divide by zero
 # progress(samples done, samples total)
 Progress = Callable[[int, int], None]
