@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import best_of
+from benchmarks.timing import add_timing_options, apply_threads, best_of
 from gdws_deploy.alphas import (
     AlphaSums,
     accumulate_alphas,
@@ -78,14 +78,10 @@ def measure(name: str, folder: Path, repeat: int) -> List[Tuple[float, float]]:
 def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_timing_options(parser)
     args = parser.parse_args(list(argv) or None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(
-        f"alphas, loop against batched, {torch.get_num_threads()} thread(s), best of {args.repeat}:"
-    )
+    threads = apply_threads(args)
+    print(f"alphas, loop against batched, {threads} thread(s), best of {args.repeat}:")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.model:
             loop, batched = measure(name, Path(folder), args.repeat)

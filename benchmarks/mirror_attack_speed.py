@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import best_of
+from benchmarks.timing import add_timing_options, apply_threads, best_of
 from gdws_deploy.attacks import pgd
 from gdws_deploy.mirror import load_mirror
 from models.export import export_onnx
@@ -56,14 +56,11 @@ def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHITECTURES))
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_timing_options(parser)
     args = parser.parse_args(list(argv) or None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = apply_threads(args)
     print(
-        f"PGD-10 (l_inf 8/255) at batch {args.batch}, {torch.get_num_threads()} thread(s), "
-        f"best of {args.repeat}:"
+        f"PGD-10 (l_inf 8/255) at batch {args.batch}, {threads} thread(s), best of {args.repeat}:"
     )
     worst = 0.0
     with tempfile.TemporaryDirectory() as folder:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable, List, Sequence, Tuple
+
+import torch
 
 
 def elapsed(work: Callable[[], object]) -> Tuple[float, float]:
@@ -17,3 +20,15 @@ def best_of(works: Sequence[Callable[[], object]], repeat: int) -> List[Tuple[fl
     """Best (wall, CPU) of each piece of work, run in turn `repeat` times so load hits all."""
     runs = [[elapsed(work) for work in works] for _ in range(repeat)]
     return [tuple(min(times) for times in zip(*column)) for column in zip(*runs)]
+
+
+def add_timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's thread count from --threads; return the count in use."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
