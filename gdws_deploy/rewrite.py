@@ -37,14 +37,24 @@ def gdws_gather(self: gs.Graph, name: str, x: gs.Variable, channels: np.ndarray)
 
 @gs.Graph.register()
 def gdws_depthwise(
-    self: gs.Graph, name: str, x: gs.Variable, conv: gs.Node, kernels: np.ndarray, group: int
+    self: gs.Graph,
+    name: str,
+    x: gs.Variable,
+    conv: gs.Node,
+    kernels: np.ndarray,
+    group: int,
+    part: str = "",
 ) -> gs.Variable:
-    """Conv with one (kh, kw) kernel per output channel and the spatial attributes of `conv`."""
-    weight = gs.Constant(f"{name}/gdws_dw/weight", kernels[:, None])
-    out = _like(conv.outputs[0], f"{name}/gdws_dw/output", channels=kernels.shape[0])
+    """Conv with one (kh, kw) kernel per output channel and the spatial attributes of `conv`.
+
+    part: a suffix for layers with several depthwise convs (`{name}/gdws_dw{part}`).
+    """
+    node = f"{name}/gdws_dw{part}"
+    weight = gs.Constant(f"{node}/weight", kernels[:, None])
+    out = _like(conv.outputs[0], f"{node}/output", channels=kernels.shape[0])
     attrs = {key: conv.attrs[key] for key in _SPATIAL_ATTRS if key in conv.attrs}
     attrs["group"] = group
-    self.layer(op="Conv", name=f"{name}/gdws_dw", inputs=[x, weight], outputs=[out], attrs=attrs)
+    self.layer(op="Conv", name=node, inputs=[x, weight], outputs=[out], attrs=attrs)
     return out
 
 
