@@ -6,11 +6,12 @@ LEGO (beta), MEGO (budget) or the global MAC allocation -> rewrite -> parity che
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -20,18 +21,28 @@ from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import ChannelSpectra, GdwsFactors, LayerCost, allocate_budget, lego, mego
 
+if TYPE_CHECKING:
+    from gdws_deploy.measure import Backend
+    from gdws_deploy.tuning import Choice
+
 # At beta = 0 the rewrite is exact up to float rounding: parity beyond this is a failure.
 EXACT_PARITY_LIMIT = 1e-4
 
 ModelSource = Union[str, Path, onnx.ModelProto, onnx_graph.LoadedModel]
 AlphaSource = Union[str, Path, Mapping[str, np.ndarray], None]
+# What to time lowerings on: "ort", "trt", a measure.Backend, or None (no tuning).
+TuneSource = Union[str, "Backend", None]
 # progress(done, total, layer name), called after each layer is factored.
 Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One Conv: rewritten (kernels G, weighted error) or left alone (skipped says why)."""
+    """One Conv: rewritten (kernels G, weighted error) or left alone (skipped says why).
+
+    lowering: the form it got (gather, pad, fold; dense when tuning kept it);
+    speedup: measured dense time / its form's time, when tuned.
+    """
 
     name: str
     weight_shape: Tuple[int, ...]
@@ -40,17 +51,26 @@ class LayerReport:
     kernels: Optional[int] = None
     error: Optional[float] = None
     skipped: Optional[str] = None
+    lowering: Optional[str] = None
+    speedup: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class ConvertReport:
-    """What convert did: per-Conv rows and whole-model MACs at batch 1."""
+    """What convert did: per-Conv rows and whole-model MACs at batch 1.
+
+    tuned: the backend and batch the lowerings were measured on; measured_speedup: the
+    whole converted model against the original there.
+    """
 
     target: str
     layers: Tuple[LayerReport, ...]
     macs_before: int
     macs_after: int
     parity: Optional[float] = None
+    lowering: str = "auto"
+    tuned: Optional[str] = None
+    measured_speedup: Optional[float] = None
 
     @property
     def converted(self) -> int:
@@ -83,6 +103,10 @@ def convert(
     exclude: Sequence[str] = (),
     check_parity: bool = True,
     progress: Optional[Progress] = None,
+    lowering: str = "auto",
+    tune: TuneSource = None,
+    tune_batch: Optional[int] = None,
+    tune_cache: Union[str, Path, None] = None,
 ) -> Tuple[onnx.ModelProto, ConvertReport]:
     """Rewrite the eligible Convs of a model into GDWS form.
 
@@ -90,29 +114,50 @@ def convert(
     kernel count) or `mac_reduction` (whole model R times fewer MACs, least error).
     alphas: npz path or mapping, Conv node name -> (C,) channel weights. When no layer
     is rewritten the original model comes back. At beta = 0, parity worse than 1e-4 raises.
+    lowering: auto, gather, pad, fold or dense (see gdws_deploy.lowering); tune: "ort",
+    "trt" or a measure.Backend to time the forms on (auto only), at `tune_batch`
+    (default: the model's fixed batch, else 1), times kept in the `tune_cache` JSON file.
+    With a MAC-reduction target, layers tuning keeps dense free their share for the rest.
     """
+    from gdws_deploy import tuning
+
     target = _target(beta, budget, mac_reduction)
     model = _load(model_or_path).model
+    costs = tuning.cost_model_for(lowering, tune, tune_batch, tune_cache, model)
     types = onnx_graph.check_and_infer(model)
     macs = onnx_graph.count_macs(model, types)
     convs = onnx_graph.find_convs(model, types, macs, all_layers, include, exclude)
     eligible = [layer for layer in convs if layer.eligible]
     weights = _alphas(alphas, eligible)
-    spectra = _spectra(eligible, progress)
-    factors = _plan(eligible, spectra, weights, beta, budget, mac_reduction, sum(macs.values()))
-    rows = [_row(layer, factors.get(layer.index)) for layer in convs]
+    spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress)))
+    plan = functools.partial(
+        _plan,
+        alphas=weights,
+        beta=beta,
+        budget=budget,
+        mac_reduction=mac_reduction,
+        total_macs=sum(macs.values()),
+    )
+    factors, forms = tuning.plan_forms(model, types, eligible, spectra, plan, lowering, costs)
     chosen = [(layer, factors[layer.index]) for layer in eligible if layer.index in factors]
+    speedup = None
+    if costs is not None and chosen:
+        converted, forms, speedup = tuning.never_slower(model, chosen, types, forms, costs)
+        costs.cache.save()
+    else:
+        converted = tuning.lower_model(model, chosen, types, forms)
+    rows = [_row(layer, factors.get(layer.index), forms.get(layer.name)) for layer in convs]
     report = ConvertReport(
         target=target,
         layers=tuple(rows),
         macs_before=sum(macs.values()),
         macs_after=sum(macs.values()) - sum(row.macs_before - row.macs_after for row in rows),
+        lowering=lowering,
+        tuned=costs and costs.describe(),
+        measured_speedup=speedup,
     )
-    if not chosen:
+    if converted is model:
         return model, report
-    from gdws_deploy.rewrite import rewrite
-
-    converted = rewrite(model, chosen, types)
     onnx_graph.verify(converted)
     if check_parity:
         report = _with_parity(report, model, converted, exact=beta == 0)
@@ -212,6 +257,7 @@ def _spectra(
 def _plan(
     layers: Sequence[onnx_graph.ConvLayer],
     spectra: Sequence[ChannelSpectra],
+    *,
     alphas: Mapping[str, np.ndarray],
     beta: Optional[float],
     budget: Optional[int],
@@ -244,14 +290,34 @@ def _cost(layer: onnx_graph.ConvLayer) -> LayerCost:
     return LayerCost(kernel_macs=(kh * kw + m) * layer.pixels, dense_macs=layer.macs)
 
 
-def _row(layer: onnx_graph.ConvLayer, factors: Optional[GdwsFactors]) -> LayerReport:
-    if factors is not None:
+def _row(
+    layer: onnx_graph.ConvLayer, factors: Optional[GdwsFactors], form: Optional[Choice]
+) -> LayerReport:
+    lowering, speedup = (form.lowering, form.speedup) if form else (None, None)
+    if factors is not None and lowering != "dense":
         after = factors.kernels * _cost(layer).kernel_macs
         return LayerReport(
-            layer.name, layer.weight_shape, layer.macs, after, factors.kernels, factors.error
+            layer.name,
+            layer.weight_shape,
+            layer.macs,
+            after,
+            factors.kernels,
+            factors.error,
+            lowering=lowering,
+            speedup=speedup,
         )
     reason = layer.skipped or "GDWS form would not reduce its MACs"
-    return LayerReport(layer.name, layer.weight_shape, layer.macs, layer.macs, skipped=reason)
+    if form is not None:
+        reason = f"kept dense: {form.reason}"
+    return LayerReport(
+        layer.name,
+        layer.weight_shape,
+        layer.macs,
+        layer.macs,
+        skipped=reason,
+        lowering=lowering,
+        speedup=speedup,
+    )
 
 
 def _with_parity(

@@ -1,0 +1,135 @@
+"""Time ONNX models on a backend: model bytes and an input shape in, seconds out.
+
+The tuner's one hook into a runtime. A Backend loads a model into a gdws_deploy.runtime
+Runner; timing is the runtime's trtexec-style loop, with several models timed in
+alternating blocks so that load from other processes hits every candidate alike. A model's
+time is the median (or the minimum) of its timed queries, compute only (no host-device
+copies).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+from gdws_deploy.runtime.benchmark import (
+    BenchOptions,
+    declared_input,
+    interleaved_loops,
+    target_for,
+)
+from gdws_deploy.runtime.runner import OrtRunner, Runner
+
+Shape = Tuple[int, ...]
+STATISTICS = {"median": np.median, "min": np.min}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to time: alternating rounds, at least `queries` and `seconds` per model;
+    statistic: median or min of the query times."""
+
+    rounds: int = 4
+    queries: int = 12
+    seconds: float = 0.2
+    warmup_ms: float = 20.0
+    statistic: str = "median"
+
+
+DEFAULT_TIMING = Timing()
+
+
+class Backend(abc.ABC):
+    """Where models are timed. `name` keys cached measurements: runtime, version, settings."""
+
+    no_data_transfers = False
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """Identifies this backend's measurements in a cache file."""
+
+    @abc.abstractmethod
+    def runner(self, model: bytes, input_shape: Shape) -> contextlib.AbstractContextManager:
+        """An active Runner for `model`, ready for inputs of `input_shape`."""
+
+    def seconds(self, model: bytes, input_shape: Shape, timing: Timing = DEFAULT_TIMING) -> float:
+        """Median time of one inference of `model` at `input_shape`."""
+        return time_models(self, [(model, input_shape)], timing)[0]
+
+
+class OrtBackend(Backend):
+    """onnxruntime on this CPU with `threads` intra-op threads (0: onnxruntime's default)."""
+
+    def __init__(self, threads: int = 0) -> None:
+        self.threads = threads
+
+    @property
+    def name(self) -> str:
+        import onnxruntime as ort
+
+        return f"onnxruntime-{ort.__version__}-cpu-threads{self.threads}"
+
+    @contextlib.contextmanager
+    def runner(self, model: bytes, input_shape: Shape) -> Iterator[Runner]:
+        with OrtRunner(model, threads=self.threads) as runner:
+            yield runner
+
+
+class TrtBackend(Backend):
+    """TensorRT on this machine's GPU: each model is built into an engine for exactly
+    `input_shape` first (gdws_deploy.runtime's build), then timed on CUDA events."""
+
+    no_data_transfers = True
+
+    def __init__(self, fp16: bool = False) -> None:
+        self.fp16 = fp16
+
+    @property
+    def name(self) -> str:
+        from gdws_deploy.runtime import trt_compat
+
+        version = trt_compat.version_of(trt_compat.load_tensorrt())
+        return f"tensorrt-{version}-{'fp16' if self.fp16 else 'fp32'}"
+
+    @contextlib.contextmanager
+    def runner(self, model: bytes, input_shape: Shape) -> Iterator[Runner]:
+        import onnx
+
+        from gdws_deploy.runtime.engine_build import BuildOptions, build_engine
+        from gdws_deploy.runtime.trt_runner import TrtRunner
+
+        name = onnx.load_from_string(model).graph.input[0].name
+        options = BuildOptions(fp16=self.fp16, shapes={name: tuple(input_shape)})
+        with tempfile.TemporaryDirectory(prefix="gdws-tune-") as folder:
+            source, plan = Path(folder) / "model.onnx", Path(folder) / "model.plan"
+            source.write_bytes(model)
+            build_engine(str(source), str(plan), options, echo=lambda line: None)
+            with TrtRunner(plan) as runner:
+                yield runner
+
+
+def time_models(
+    backend: Backend, models: Sequence[Tuple[bytes, Shape]], timing: Timing = DEFAULT_TIMING
+) -> List[float]:
+    """Seconds per inference of each (model, input shape), timed interleaved in one process."""
+    options = BenchOptions(
+        warmup_ms=timing.warmup_ms,
+        iterations=timing.queries,
+        duration_s=timing.seconds,
+        no_data_transfers=backend.no_data_transfers,
+    )
+    with contextlib.ExitStack() as stack:
+        targets = []
+        for model, shape in models:
+            runner = stack.enter_context(backend.runner(model, shape))
+            targets.append(target_for(runner, options, {declared_input(runner)[0]: tuple(shape)}))
+        traces = interleaved_loops(targets, options, timing.rounds)
+    statistic = STATISTICS[timing.statistic]
+    return [float(statistic(trace.durations()["gpu_compute_time"])) / 1000 for trace in traces]
