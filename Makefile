@@ -18,11 +18,18 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m gdws_deploy.demo --out $(OUT)
 
+# What runs on the Jetson (JetPack 5: Python 3.8) must parse and run there.
+DEVICE_SIDE := gdws_deploy/runtime jetson gdws_deploy/__init__.py gdws_deploy/atomic.py \
+	gdws_deploy/errors.py gdws_deploy/cli.py gdws_deploy/data.py gdws_deploy/commands/__init__.py \
+	gdws_deploy/commands/build.py gdws_deploy/commands/bench.py gdws_deploy/commands/trtexec.py \
+	gdws_deploy/commands/trt_flags.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/vermin -q --no-tips --violations -t=3.8- gdws_deploy/runtime jetson
+	$(BIN)/vermin -q --no-tips --violations -t=3.8- $(DEVICE_SIDE)
 	$(BIN)/hadolint Dockerfile.l4t
+	$(BIN)/shellcheck jetson/*.sh
 
 test: lint
 	$(BIN)/python -m pytest -n 2 -q
