@@ -30,6 +30,8 @@ from gdws_deploy.tune_cache import TuneCache
 LAYER_TIMING = Timing(rounds=3, queries=6, seconds=0.1, warmup_ms=10.0, statistic="min")
 # The whole-model comparison: fewer, longer queries than a single layer's.
 MODEL_TIMING = Timing(rounds=4, queries=4, seconds=1.0, warmup_ms=50.0)
+# The least share of its dense time a layer's form is taken to cost.
+MIN_SHARE = 0.01
 _SPATIAL = ("strides", "pads", "auto_pad", "dilations")
 _OPSET = 17
 
@@ -166,10 +168,16 @@ class CostModel:
         return np.where(sizes <= xs[-1], np.interp(sizes, xs, ys), beyond)
 
     def _layer_seconds(self, shape: LayerShape, form: Form) -> float:
-        """A calibrated point's time less its context's (never below a thousandth of it,
-        as noise can take a tiny layer's time under zero)."""
+        """A calibrated point's time less its context's.
+
+        Noise, or a fold sparing its producer more work than the layer costs, can take
+        that to zero or below: a form counts as at least MIN_SHARE of the dense layer.
+        """
         context = self.cache.get(self.key(shape, Form("context")))
-        return max(self.cache.get(self.key(shape, form)) - context, context / 1000)
+        dense = max(self.cache.get(self.key(shape, Form("dense"))) - context, context / 100)
+        if form.lowering == "dense":
+            return dense
+        return max(self.cache.get(self.key(shape, form)) - context, dense * MIN_SHARE)
 
     def compare(self, original: onnx.ModelProto, converted: onnx.ModelProto) -> Tuple[float, float]:
         """Seconds per inference of both whole models, timed interleaved."""

@@ -14,10 +14,11 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.benchmark import (
     BenchOptions,
     declared_input,
@@ -68,7 +69,9 @@ class OrtBackend(Backend):
     """onnxruntime on this CPU with `threads` intra-op threads (0: onnxruntime's default)."""
 
     def __init__(self, threads: int = 0) -> None:
-        self.threads = threads
+        if int(threads) != threads or threads < 0:
+            raise GdwsError(f"onnxruntime threads must be a whole number >= 0, got {threads}")
+        self.threads = int(threads)
 
     @property
     def name(self) -> str:
@@ -133,3 +136,18 @@ def time_models(
         traces = interleaved_loops(targets, options, timing.rounds)
     statistic = STATISTICS[timing.statistic]
     return [float(statistic(trace.durations()["gpu_compute_time"])) / 1000 for trace in traces]
+
+
+def backend_named(name: Optional[str], threads: Optional[int] = None) -> Optional[Backend]:
+    """The backend `--tune NAME` means (None for none); threads only for onnxruntime."""
+    if name is None:
+        if threads is not None:
+            raise GdwsError("--tune-threads needs --tune ort")
+        return None
+    if name == "ort":
+        return OrtBackend(threads or 0)
+    if threads is not None:
+        raise GdwsError(f"--tune-threads applies to --tune ort, not --tune {name}")
+    if name == "trt":
+        return TrtBackend()
+    raise GdwsError(f"tune backend must be ort or trt, got {name!r}")

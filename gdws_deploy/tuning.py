@@ -24,12 +24,11 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import ChannelSpectra, GdwsFactors
 from gdws_deploy.graph import ConvLayer, TensorType
 from gdws_deploy.lowering import LOWERINGS, PerLayer, fold_chain
-from gdws_deploy.measure import Backend, OrtBackend, TrtBackend
+from gdws_deploy.measure import Backend, backend_named
 from gdws_deploy.rewrite import rewrite
 from gdws_deploy.tune_cache import TuneCache
 
 STRATEGIES = ("auto", *LOWERINGS)
-BACKENDS = {"ort": OrtBackend, "trt": TrtBackend}
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,7 @@ def cost_model_for(
             raise GdwsError("a tune batch or cache needs tuning: give --tune (tune=) too")
         return None
     check_strategy(strategy, tuned=True)
-    if isinstance(tune, Backend):
-        backend = tune
-    elif tune in BACKENDS:
-        backend = BACKENDS[tune]()
-    else:
-        raise GdwsError(f"tune must be one of {', '.join(BACKENDS)}, got {tune!r}")
+    backend = tune if isinstance(tune, Backend) else backend_named(tune)
     if batch is None:
         batch = _fixed_batch(model) or 1
     return CostModel(backend, batch, TuneCache(cache))

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from gdws_deploy.convert import ConvertReport
 
 DEFAULT_MAC_REDUCTION = 2.0
+LOWERING_CHOICES = ("auto", "gather", "pad", "fold", "dense")
+TUNE_CHOICES = ("ort", "trt")
 # Below this many eligible layers the factoring is too quick for a progress bar.
 PROGRESS_MIN_LAYERS = 8
 WIDE_OUTPUT = 160
@@ -72,6 +74,37 @@ class _Number(click.ParamType):
     "--report", "report_path", type=click.Path(path_type=Path), help="Also write the table as JSON."
 )
 @click.option("--no-parity", is_flag=True, help="Skip the onnxruntime parity check.")
+@click.option(
+    "--lowering",
+    type=click.Choice(LOWERING_CHOICES),
+    default="auto",
+    show_default=True,
+    help="How GDWS layers are written: gather (exact factors), pad (no Gather), fold "
+    "(the producer emits the channels), dense (keep), auto (per layer).",
+)
+@click.option(
+    "--tune",
+    type=click.Choice(TUNE_CHOICES),
+    help="With --lowering auto: time each layer's forms on this backend and pick the "
+    "fastest; the result is timed against MODEL and never slower.",
+)
+@click.option(
+    "--tune-batch",
+    type=_Number(int),
+    metavar="N",
+    help="Batch size to tune at [default: MODEL's fixed batch, else 1: edge latency].",
+)
+@click.option(
+    "--tune-threads",
+    type=_Number(int),
+    metavar="N",
+    help="onnxruntime threads for --tune ort [default: onnxruntime's].",
+)
+@click.option(
+    "--tune-cache",
+    type=click.Path(path_type=Path),
+    help="JSON file of measured layer times, read and updated (reused across runs).",
+)
 def convert_command(
     model: Path,
     output: Optional[Path],
@@ -84,13 +117,19 @@ def convert_command(
     exclude: Sequence[str],
     report_path: Optional[Path],
     no_parity: bool,
+    lowering: str,
+    tune: Optional[str],
+    tune_batch: Optional[int],
+    tune_threads: Optional[int],
+    tune_cache: Optional[Path],
 ) -> None:
     """Rewrite the KxK convolutions of MODEL (ONNX) into GDWS form.
 
-    Give one target: --beta, --budget or --mac-reduction. Prints one row per Conv and the
-    parity of the result against MODEL in onnxruntime.
+    Give one target: --beta, --budget or --mac-reduction. Prints one row per Conv (its
+    lowering too) and the parity of the result against MODEL in onnxruntime.
     """
     from gdws_deploy.convert import convert_file
+    from gdws_deploy.measure import backend_named
 
     if beta is None and budget is None and mac_reduction is None:
         mac_reduction = DEFAULT_MAC_REDUCTION
@@ -113,6 +152,10 @@ def convert_command(
             exclude=exclude,
             check_parity=not no_parity,
             progress=progress,
+            lowering=lowering,
+            tune=backend_named(tune, tune_threads),
+            tune_batch=tune_batch,
+            tune_cache=tune_cache,
         )
     console = Console()
     if not console.is_terminal:  # logs and pipes: keep whole layer names on one line
@@ -167,25 +210,42 @@ def _layer_table(report: ConvertReport) -> Table:
     table.add_column("Conv")
     for column in ("weight", "G", "MACs before -> after"):
         table.add_column(column, justify="right")
+    table.add_column("lowering")
+    table.add_column("speed-up", justify="right")
     table.add_column("weighted error (or why left dense)")
     for layer in report.layers:
         name, shape = escape(layer.name), "x".join(str(d) for d in layer.weight_shape)
+        lowering = layer.lowering or "-"
+        speedup = _speedup(layer.speedup)
         if layer.kernels is None:
             why = f"[dim]{escape(layer.skipped or '')}[/]"
-            table.add_row(name, shape, "-", _macs(layer.macs_before), why)
+            table.add_row(name, shape, "-", _macs(layer.macs_before), lowering, speedup, why)
             continue
         macs = f"{_macs(layer.macs_before)} -> {_macs(layer.macs_after)}"
-        table.add_row(name, shape, str(layer.kernels), macs, f"{layer.error:.4g}")
+        row = (str(layer.kernels), macs, lowering, speedup, f"{layer.error:.4g}")
+        table.add_row(name, shape, *row)
     return table
 
 
 def _totals(report: ConvertReport) -> str:
     parity = "not checked" if report.parity is None else f"{report.parity:.3g}"
-    return (
+    totals = (
         f"total MACs {_macs(report.macs_before)} -> {_macs(report.macs_after)} "
         f"({report.reduction:.2f}x fewer), {report.converted} Conv(s) rewritten, "
         f"parity (max relative output deviation) {parity}"
     )
+    if report.measured_speedup is not None:
+        totals += f"\nmeasured {report.measured_speedup:.2f}x faster than MODEL on {report.tuned}"
+    return totals
+
+
+def _speedup(speedup: Optional[float]) -> str:
+    """A layer's dense / GDWS time; the cost model floors a form at 1% of dense."""
+    from gdws_deploy.cost_model import MIN_SHARE
+
+    if speedup is None:
+        return "-"
+    return f"{speedup:.2f}x" if speedup < 1 / MIN_SHARE else f">={1 / MIN_SHARE:.0f}x"
 
 
 def _macs(count: int) -> str:
