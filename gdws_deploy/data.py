@@ -2,6 +2,8 @@
 
 A dataset is named by a spec string, `name` or `name:argument`:
   digits          sklearn's bundled 8x8 digits, test split (`digits:train` for the rest)
+  photos          32x32 grayscale patches of scikit-image's photographs, test split
+                  (`photos:train` for the other half of each photo), classes interleaved
   npz:PATH        arrays `x` (N, C, H, W) float in [0, 1] and `y` (N,) int
   cifar10:DIR     the python pickle batches (DIR/test_batch or DIR/cifar-10-batches-py/...)
   svhn:FILE.mat   the cropped-digits .mat file (X: 32x32x3xN uint8, y: N x 1, 10 meaning 0)
@@ -154,6 +156,28 @@ def _digits(split: Optional[str]) -> Arrays:
     return images.astype(np.float32), digits.target[chosen]
 
 
+def _photos(split: Optional[str]) -> Arrays:
+    """The photo-patch task of the bundled robust model (gdws_deploy.photo_patches).
+
+    The loader groups patches by class in raster order; they are dealt out class by class
+    from a fixed shuffle, so any first N (--limit) is balanced and spread over each photo.
+    """
+    from gdws_deploy.photo_patches import load_photo_patches
+
+    images, labels = load_photo_patches(split or "test")
+    order = _dealt_by_class(labels, np.random.default_rng(0))
+    return images[order], labels[order]
+
+
+def _dealt_by_class(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices taking one sample of each class in turn, each class in a shuffled order."""
+    shuffled = rng.permutation(len(labels))
+    grouped = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    grouped_labels = labels[grouped]
+    rank_in_class = np.arange(len(labels)) - np.searchsorted(grouped_labels, grouped_labels)
+    return grouped[np.argsort(rank_in_class, kind="stable")]
+
+
 def _npz(argument: Optional[str]) -> Arrays:
     path = _existing(argument, "npz file")
     try:
@@ -200,6 +224,7 @@ def _svhn(argument: Optional[str]) -> Arrays:
 
 
 register_dataset("digits", _digits)
+register_dataset("photos", _photos)
 register_dataset("npz", _npz)
 register_dataset("cifar10", _cifar10)
 register_dataset("svhn", _svhn)

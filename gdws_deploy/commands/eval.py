@@ -16,7 +16,7 @@ from gdws_deploy.atomic import atomic_open, check_output_path
 if TYPE_CHECKING:
     from gdws_deploy.evaluate import EvalReport
 
-DATASET_HELP = "digits[:train], npz:PATH, cifar10:DIR or svhn:FILE.mat."
+DATASET_HELP = "digits[:train], photos[:train], npz:PATH, cifar10:DIR or svhn:FILE.mat."
 
 
 class BatchProgress:
