@@ -1,7 +1,8 @@
 """The Python API of `gdws-deploy convert`: an ONNX model in, its GDWS form and a report out.
 
 load -> check + infer shapes -> find eligible Convs -> one batched SVD per layer ->
-LEGO (beta), MEGO (budget) or the global MAC allocation -> rewrite -> parity check.
+LEGO (beta), MEGO (budget) or a whole-model MAC allocation (gdws.ALLOCATIONS) -> rewrite
+-> parity check.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ import onnx
 from gdws_deploy import graph as onnx_graph
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import ChannelSpectra, GdwsFactors, LayerCost, allocate_budget, lego, mego
+from gdws_deploy.gdws import (
+    USES_ALPHAS,
+    ChannelSpectra,
+    GdwsFactors,
+    LayerCost,
+    LossCurve,
+    SpectraCache,
+    allocate,
+    lego,
+    mego,
+    resolve_allocation,
+)
 
 if TYPE_CHECKING:
     from gdws_deploy.measure import Backend
@@ -68,6 +80,7 @@ class ConvertReport:
     macs_before: int
     macs_after: int
     parity: Optional[float] = None
+    allocation: Optional[str] = None
     lowering: str = "auto"
     tuned: Optional[str] = None
     measured_speedup: Optional[float] = None
@@ -107,6 +120,9 @@ def convert(
     tune: TuneSource = None,
     tune_batch: Optional[int] = None,
     tune_cache: Union[str, Path, None] = None,
+    allocation: str = "auto",
+    loss_curves: Optional[Mapping[str, LossCurve]] = None,
+    spectra_cache: Optional[SpectraCache] = None,
 ) -> Tuple[onnx.ModelProto, ConvertReport]:
     """Rewrite the eligible Convs of a model into GDWS form.
 
@@ -118,6 +134,9 @@ def convert(
     "trt" or a measure.Backend to time the forms on (auto only), at `tune_batch`
     (default: the model's fixed batch, else 1), times kept in the `tune_cache` JSON file.
     With a MAC-reduction target, layers tuning keeps dense free their share for the rest.
+    allocation: how a MAC-reduction target shares kernels across layers (gdws.ALLOCATIONS;
+    "auto": "measured" given `loss_curves` from gdws_deploy.sensitivity, else "relative").
+    spectra_cache: reuse SVDs across calls on the same model.
     """
     from gdws_deploy import tuning
 
@@ -129,7 +148,9 @@ def convert(
     convs = onnx_graph.find_convs(model, types, macs, all_layers, include, exclude)
     eligible = [layer for layer in convs if layer.eligible]
     weights = _alphas(alphas, eligible)
-    spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress)))
+    rule = None if mac_reduction is None else _rule(allocation, weights, loss_curves)
+    cache = spectra_cache if spectra_cache is not None else SpectraCache()
+    spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress, cache)))
     plan = functools.partial(
         _plan,
         alphas=weights,
@@ -137,6 +158,8 @@ def convert(
         budget=budget,
         mac_reduction=mac_reduction,
         total_macs=sum(macs.values()),
+        allocation=rule,
+        curves=loss_curves or {},
     )
     factors, forms = tuning.plan_forms(model, types, eligible, spectra, plan, lowering, costs)
     chosen = [(layer, factors[layer.index]) for layer in eligible if layer.index in factors]
@@ -152,6 +175,7 @@ def convert(
         layers=tuple(rows),
         macs_before=sum(macs.values()),
         macs_after=sum(macs.values()) - sum(row.macs_before - row.macs_after for row in rows),
+        allocation=rule,
         lowering=lowering,
         tuned=costs and costs.describe(),
         measured_speedup=speedup,
@@ -242,13 +266,26 @@ def _read_npz(path: Union[str, Path]) -> Dict[str, np.ndarray]:
         raise GdwsError(f"cannot read alphas from {path}: {error}") from error
 
 
+def _rule(
+    allocation: str, alphas: Mapping[str, np.ndarray], curves: Optional[Mapping[str, LossCurve]]
+) -> str:
+    """The allocation rule a MAC-reduction target runs; alphas it would ignore are an error."""
+    rule = resolve_allocation(allocation, curves is not None)
+    if alphas and rule not in USES_ALPHAS:
+        raise GdwsError(
+            f"allocation {rule!r} does not use alphas; give allocation "
+            f"{' or '.join(USES_ALPHAS)} with them, or leave them out"
+        )
+    return rule
+
+
 def _spectra(
-    layers: Sequence[onnx_graph.ConvLayer], progress: Optional[Progress]
+    layers: Sequence[onnx_graph.ConvLayer], progress: Optional[Progress], cache: SpectraCache
 ) -> List[ChannelSpectra]:
-    """The one batched SVD per layer, reused for allocation and factors."""
+    """The one batched SVD per layer (from the cache when it has it), reused throughout."""
     spectra = []
     for done, layer in enumerate(layers, start=1):
-        spectra.append(ChannelSpectra.from_weight(layer.weight))
+        spectra.append(cache.get(layer.name, layer.weight))
         if progress is not None:
             progress(done, len(layers), layer.name)
     return spectra
@@ -263,6 +300,8 @@ def _plan(
     budget: Optional[int],
     mac_reduction: Optional[float],
     total_macs: int,
+    allocation: Optional[str],
+    curves: Mapping[str, LossCurve],
 ) -> Dict[int, GdwsFactors]:
     """Factors per node index, only for layers whose GDWS form has fewer MACs."""
     if not layers:
@@ -271,9 +310,8 @@ def _plan(
     if mac_reduction is not None:
         costs = [_cost(layer) for layer in layers]
         fixed = total_macs - sum(cost.dense_macs for cost in costs)
-        ranked = [s.ranked_energies(a) for s, a in zip(spectra, alpha)]
-        kernels = allocate_budget(ranked, costs, fixed, mac_reduction)
-        factors = [None if k is None else mego(s, k, a) for s, a, k in zip(spectra, alpha, kernels)]
+        layer_curves = _curves(curves, layers) if allocation == "measured" else None
+        factors = allocate(allocation, spectra, costs, fixed, mac_reduction, alpha, layer_curves)
     elif beta is not None:
         factors = [lego(s, beta, a) for s, a in zip(spectra, alpha)]
     else:
@@ -283,6 +321,15 @@ def _plan(
         for layer, f in zip(layers, factors)
         if f is not None and f.kernels * _cost(layer).kernel_macs < layer.macs
     }
+
+
+def _curves(
+    curves: Mapping[str, LossCurve], layers: Sequence[onnx_graph.ConvLayer]
+) -> List[LossCurve]:
+    missing = [layer.name for layer in layers if layer.name not in curves]
+    if missing:
+        raise GdwsError(f"no measured loss curve for Conv {missing[0]!r}")
+    return [curves[layer.name] for layer in layers]
 
 
 def _cost(layer: onnx_graph.ConvLayer) -> LayerCost:
