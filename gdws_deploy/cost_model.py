@@ -1,12 +1,12 @@
 """What a layer costs in each form, calibrated by timing single-layer models on a backend.
 
 A layer's time in a GDWS form grows with its kernel count G (gather, fold) or with the
-kernels per channel m (pad). Each form is timed at a few calibration points, as one-conv
-ONNX models with random weights built by the real lowerings, at the deployment batch
-size, and interpolated piecewise linearly in between (extrapolated past the last point).
-So one calibration of a layer shape serves every kernel count: every layer of that shape,
-every target, and the budget allocation. Measurements are cached by backend, batch, layer
-shape and point (measure.py times, tune_cache.py keeps).
+kernels per channel m (pad). Each form is timed at a few calibration points, as small
+ONNX models built by the real lowerings (random weights; the layer between a 1x1 conv
+and a pool, as inside a network), at the deployment batch size, and interpolated
+piecewise linearly in between. So one calibration of a layer shape serves every kernel
+count: every layer of that shape and every target. Measurements are cached by backend,
+batch, layer shape and point (measure.py times them, tune_cache.py keeps them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import GdwsFactors
 from gdws_deploy.graph import ConvLayer, TensorType, check_and_infer
-from gdws_deploy.lowering import LOWERINGS
+from gdws_deploy.lowering import ALIGNED_LOWERINGS
 from gdws_deploy.measure import Backend, Shape, Timing, time_models
 from gdws_deploy.rewrite import rewrite
 from gdws_deploy.tune_cache import TuneCache
@@ -151,21 +151,18 @@ class CostModel:
             self.cache.put(self.key(shape, form), seconds)
 
     def seconds(self, shape: LayerShape, form: Form) -> float:
-        """The layer's time in `form`, interpolated between its calibration points."""
+        """The layer's time in `form`: interpolated between its calibration points, past
+        the last one extrapolated along the last segment (never downwards)."""
+        self.calibrate(shape, (form.lowering,))
         if form.lowering == "dense":
-            self.calibrate(shape, ())
             return self._layer_seconds(shape, form)
-        return float(self.curve(shape, form.lowering, np.array([form.size]))[0])
-
-    def curve(self, shape: LayerShape, lowering: str, sizes: np.ndarray) -> np.ndarray:
-        """The layer's time in `lowering` at each size (kernels; slices for pad)."""
-        self.calibrate(shape, (lowering,))
-        points = calibration_forms(shape, lowering)
+        points = calibration_forms(shape, form.lowering)
         xs = np.array([point.size for point in points], dtype=np.float64)
         ys = np.array([self._layer_seconds(shape, point) for point in points])
+        if form.size <= xs[-1]:
+            return float(np.interp(form.size, xs, ys))
         slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
-        beyond = ys[-1] + slope * (np.asarray(sizes, dtype=np.float64) - xs[-1])
-        return np.where(sizes <= xs[-1], np.interp(sizes, xs, ys), beyond)
+        return float(ys[-1] + slope * (form.size - xs[-1]))
 
     def _layer_seconds(self, shape: LayerShape, form: Form) -> float:
         """A calibrated point's time less its context's.
@@ -220,7 +217,7 @@ def candidate_model(shape: LayerShape, form: Form, batch: int) -> Tuple[bytes, S
         return model.SerializeToString(), input_shape
     layer = ConvLayer(1, "conv", (shape.out_channels, shape.in_channels, *shape.kernel), 0)
     factors = _spread_factors(shape, form)
-    lowered = rewrite(model, [(layer, factors)], types, LOWERINGS[form.lowering])
+    lowered = rewrite(model, [(layer, factors)], types, ALIGNED_LOWERINGS[form.lowering])
     return lowered.SerializeToString(), input_shape
 
 

@@ -8,7 +8,7 @@ gather  the factors as they are (rewrite.lower_exact): a channel Gather feeds th
 pad     m = the most kernels any channel keeps; every channel gets m (zero kernels, zero
         pointwise columns), so no Gather is needed. Emitted as m depthwise convs with
         group = C, concatenated: one Conv with a channel multiplier is the same arithmetic
-        but leaves onnxruntime's depthwise kernel (measured 5-10x slower on the CPU).
+        but leaves onnxruntime's depthwise kernel (measured several times slower here).
 fold    the input comes from a Conv through per-channel ops only (BatchNormalization,
         activations, pooling), each feeding nothing else: that Conv emits the gathered
         channels itself (its weight rows, bias and the ops' parameters gathered), so the
@@ -17,11 +17,14 @@ dense   the original Conv stays.
 
 The GDWS forms also fold a BatchNormalization that follows the pointwise conv into its
 weight and bias, and fold first folds a BatchNormalization that follows the producer.
+ALIGNED_LOWERINGS (what tuning measures and emits) also round the kernel count of a
+gathered or folded depthwise conv up to a multiple of CHANNEL_MULTIPLE with zero kernels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field, replace
 from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -39,14 +42,23 @@ _ELEMENTWISE = frozenset(
         *("Ceil", "Round", "Sign", "MaxPool", "AveragePool", "LpPool"),
     }
 )
+# Aligned gather and fold forms round their kernel count up to a multiple of this with
+# zero kernels: onnxruntime's blocked (NCHWc) convs take channel counts in multiples of 8;
+# any other count runs its generic grouped conv (a depthwise conv measured 8x slower).
+CHANNEL_MULTIPLE = 8
 # BatchNormalization's per-channel inputs: scale, B, mean, var.
-_BN_PARAMS = slice(1, 5)
+_BN_PARAMS = range(1, 5)
 
 
-def lower_gather(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -> None:
-    """The exact form; a following BatchNormalization goes into the pointwise conv."""
+def lower_gather(
+    graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors, multiple: int = 1
+) -> None:
+    """The exact form (a gathered kernel count rounded up to `multiple`); a following
+    BatchNormalization goes into the pointwise conv."""
     out = conv.outputs[0]
-    lower_exact(graph, conv, name, factors)
+    per_channel = factors.kernels_per_channel()
+    uniform = per_channel.min() == per_channel.max()  # no Gather: a channel multiplier
+    lower_exact(graph, conv, name, factors if uniform else aligned(factors, multiple))
     fuse_following_batchnorm(graph, out.inputs[0])
 
 
@@ -54,34 +66,29 @@ def lower_pad(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -
     """m depthwise convs with group = C over the input (slice j holds each channel's j-th
     kernel, zero where a channel has fewer), concatenated, then the pointwise conv."""
     kernels, columns = padded(factors)
-    x, out = conv.inputs[0], conv.outputs[0]
     slices = [
-        graph.gdws_depthwise(name, x, conv, slice_kernels, factors.in_channels, part)
+        graph.gdws_depthwise(name, conv.inputs[0], conv, slice_kernels, factors.in_channels, part)
         for slice_kernels, part in zip(kernels, _slice_names(len(kernels)))
     ]
     hidden = slices[0] if len(slices) == 1 else graph.gdws_concat(name, slices)
-    bias = conv.inputs[2:]
-    conv.outputs.clear()
-    graph.gdws_pointwise(name, hidden, columns, bias, out)
-    fuse_following_batchnorm(graph, out.inputs[0])
+    _replace_by_pointwise(graph, conv, name, hidden, columns)
 
 
-def lower_fold(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -> None:
-    """The producer emits x[:, channels]; the depthwise conv then needs no Gather.
-    Without a foldable producer chain this is the gather form."""
+def lower_fold(
+    graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors, multiple: int = 1
+) -> None:
+    """The producer emits x[:, channels] (their count rounded up to `multiple`); the
+    depthwise conv then needs no Gather. Without a foldable chain: the gather form."""
     chain = fold_chain(graph, conv)
     if chain is None:
-        lower_gather(graph, conv, name, factors)
+        lower_gather(graph, conv, name, factors, multiple)
         return
     if fuse_following_batchnorm(graph, chain[0]):
         chain = fold_chain(graph, conv)
+    factors = aligned(factors, multiple)
     gather_channels(chain, factors.channels)
-    x, out = conv.inputs[0], conv.outputs[0]
-    hidden = graph.gdws_depthwise(name, x, conv, factors.depthwise, factors.kernels)
-    bias = conv.inputs[2:]
-    conv.outputs.clear()
-    graph.gdws_pointwise(name, hidden, factors.pointwise, bias, out)
-    fuse_following_batchnorm(graph, out.inputs[0])
+    hidden = graph.gdws_depthwise(name, conv.inputs[0], conv, factors.depthwise, factors.kernels)
+    _replace_by_pointwise(graph, conv, name, hidden, factors.pointwise)
 
 
 def lower_dense(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -> None:
@@ -94,6 +101,11 @@ LOWERINGS: Mapping[str, Lowering] = {
     "fold": lower_fold,
     "dense": lower_dense,
 }
+ALIGNED_LOWERINGS: Mapping[str, Lowering] = {
+    **LOWERINGS,
+    "gather": functools.partial(lower_gather, multiple=CHANNEL_MULTIPLE),
+    "fold": functools.partial(lower_fold, multiple=CHANNEL_MULTIPLE),
+}
 
 
 @dataclass(frozen=True)
@@ -101,9 +113,29 @@ class PerLayer:
     """A Lowering that applies each layer's own form, by Conv name."""
 
     forms: Mapping[str, str]
+    lowerings: Mapping[str, Lowering] = field(default_factory=lambda: LOWERINGS)
 
     def __call__(self, graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -> None:
-        LOWERINGS[self.forms[name]](graph, conv, name, factors)
+        self.lowerings[self.forms[name]](graph, conv, name, factors)
+
+
+def aligned(factors: GdwsFactors, multiple: int) -> GdwsFactors:
+    """The factors with zero kernels (and zero pointwise columns) on their last channel up
+    to a multiple of `multiple` kernels."""
+    extra = -factors.kernels % multiple
+    if extra == 0:
+        return factors
+    depthwise, pointwise = factors.depthwise, factors.pointwise
+    return replace(
+        factors,
+        channels=np.concatenate([factors.channels, np.repeat(factors.channels[-1:], extra)]),
+        depthwise=np.concatenate(
+            [depthwise, np.zeros((extra, *depthwise.shape[1:]), depthwise.dtype)]
+        ),
+        pointwise=np.concatenate(
+            [pointwise, np.zeros((len(pointwise), extra), pointwise.dtype)], 1
+        ),
+    )
 
 
 def padded(factors: GdwsFactors) -> Tuple[np.ndarray, np.ndarray]:
@@ -152,7 +184,7 @@ def gather_channels(chain: List[gs.Node], channels: np.ndarray) -> None:
     _gather_inputs(producer, range(1, len(producer.inputs)), channels, axis=0)
     for node in between:
         if node.op == "BatchNormalization":
-            _gather_inputs(node, range(1, 5), channels, axis=0)
+            _gather_inputs(node, _BN_PARAMS, channels, axis=0)
         elif node.op == "PRelu":
             slope = node.inputs[1].values
             if slope.size > 1:
@@ -175,7 +207,7 @@ def fuse_following_batchnorm(graph: gs.Graph, conv: gs.Node) -> bool:
     if len(out.outputs) != 1 or _is_output(graph, out):
         return False
     bn = out.outputs[0]
-    params = bn.inputs[_BN_PARAMS]
+    params = bn.inputs[_BN_PARAMS.start : _BN_PARAMS.stop]
     if (
         bn.op != "BatchNormalization"
         or len(bn.outputs) != 1
@@ -216,6 +248,17 @@ def gdws_concat(self: gs.Graph, name: str, parts: List[gs.Variable]) -> gs.Varia
         op="Concat", name=f"{name}/gdws_concat", inputs=parts, outputs=[out], attrs={"axis": 1}
     )
     return out
+
+
+def _replace_by_pointwise(
+    graph: gs.Graph, conv: gs.Node, name: str, hidden: gs.Variable, columns: np.ndarray
+) -> None:
+    """The pointwise conv takes `conv`'s output and bias; a BatchNormalization after it
+    is folded in."""
+    out, bias = conv.outputs[0], conv.inputs[2:]
+    conv.outputs.clear()
+    graph.gdws_pointwise(name, hidden, columns, bias, out)
+    fuse_following_batchnorm(graph, out.inputs[0])
 
 
 def _slice_names(count: int) -> List[str]:

@@ -5,9 +5,10 @@ fold where the producer chain allows it and adds no work (every channel keeps at
 kernel, so the producer emits no more channels than before), else the exact (gather)
 form. Tuned (`--tune ort`, or any measure.Backend), it asks the cost model (calibrated by
 timing single-layer models on that backend at the deployment batch size) for every
-candidate form of a layer, dense included, and keeps the fastest. The whole converted
-model is then timed against the original and layers go back to dense, those that gain
-least first, until it is faster (at worst: the original model).
+candidate form of a layer, dense included, and keeps the fastest, in the aligned forms
+it measured (lowering.ALIGNED_LOWERINGS). The whole converted model is then timed
+against the original and layers go back to dense, those that gain least first, until it
+is faster (at worst: the original model).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gdws_deploy.cost_model import CostModel, Form, LayerShape
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import ChannelSpectra, GdwsFactors
 from gdws_deploy.graph import ConvLayer, TensorType
-from gdws_deploy.lowering import LOWERINGS, PerLayer, fold_chain
+from gdws_deploy.lowering import ALIGNED_LOWERINGS, LOWERINGS, PerLayer, fold_chain
 from gdws_deploy.measure import Backend, backend_named
 from gdws_deploy.rewrite import rewrite
 from gdws_deploy.tune_cache import TuneCache
@@ -161,12 +162,15 @@ def lower_model(
     chosen: Sequence[Tuple[ConvLayer, GdwsFactors]],
     types: Mapping[str, TensorType],
     forms: Mapping[str, Choice],
+    aligned: bool = False,
 ) -> onnx.ModelProto:
-    """The model with every layer in its chosen form (the model itself when all stay dense)."""
+    """The model with every layer in its chosen form (the model itself when all stay dense);
+    aligned: in the forms tuning measures (lowering.ALIGNED_LOWERINGS)."""
     rewritten = [(layer, f) for layer, f in chosen if forms[layer.name].lowering != "dense"]
     if not rewritten:
         return model
-    lowering = PerLayer({name: choice.lowering for name, choice in forms.items()})
+    lowerings = ALIGNED_LOWERINGS if aligned else LOWERINGS
+    lowering = PerLayer({name: choice.lowering for name, choice in forms.items()}, lowerings)
     return rewrite(model, rewritten, types, lowering)
 
 
@@ -189,7 +193,7 @@ def never_slower(
     )
     step = 1
     while True:
-        converted = lower_model(model, chosen, types, forms)
+        converted = lower_model(model, chosen, types, forms, aligned=True)
         if converted is model:
             return model, forms, 1.0
         before, after = costs.compare(model, converted)

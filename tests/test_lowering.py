@@ -15,7 +15,7 @@ from gdws_deploy.cost_model import CostModel, Form, LayerShape
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import GdwsFactors, lego, mego
 from gdws_deploy.graph import check_and_infer, count_macs, find_convs
-from gdws_deploy.lowering import LOWERINGS
+from gdws_deploy.lowering import ALIGNED_LOWERINGS, LOWERINGS
 from gdws_deploy.measure import OrtBackend
 from gdws_deploy.rewrite import rewrite
 from gdws_deploy.tune_cache import TuneCache
@@ -26,7 +26,9 @@ CHANNELS = 8
 GDWS_FORMS = ("gather", "pad", "fold")
 
 
-def chain_model(weights: str = "sparse", seed: int = 0) -> onnx.ModelProto:
+def chain_model(
+    weights: str = "sparse", seed: int = 0, channels: int = CHANNELS
+) -> onnx.ModelProto:
     """images -> c0 -> BN -> Relu -> c1 -> Relu -> MaxPool -> BN -> c2 -> BN -> PRelu -> c3
     -> Relu = t; scores = t + c4(t). c1, c2 and c3 can fold into their producers (c3's is
     itself a GDWS layer); c4 cannot, as t also feeds the Add."""
@@ -38,21 +40,21 @@ def chain_model(weights: str = "sparse", seed: int = 0) -> onnx.ModelProto:
         return name
 
     def conv(name: str, source: str, in_channels: int) -> str:
-        weight = conv_weight((CHANNELS, in_channels, 3, 3), weights, rng)
+        weight = conv_weight((channels, in_channels, 3, 3), weights, rng)
         inputs = [
             source,
             constant(f"{name}.w", weight),
-            constant(f"{name}.b", rng.standard_normal(CHANNELS)),
+            constant(f"{name}.b", rng.standard_normal(channels)),
         ]
         nodes.append(helper.make_node("Conv", inputs, [name], name=name, pads=[1, 1, 1, 1]))
         return name
 
     def batchnorm(name: str, source: str) -> str:
         params = [
-            rng.uniform(0.5, 1.5, CHANNELS),
-            rng.standard_normal(CHANNELS) * 0.1,
-            rng.standard_normal(CHANNELS) * 0.1,
-            rng.uniform(0.5, 2.0, CHANNELS),
+            rng.uniform(0.5, 1.5, channels),
+            rng.standard_normal(channels) * 0.1,
+            rng.standard_normal(channels) * 0.1,
+            rng.uniform(0.5, 2.0, channels),
         ]
         names = [constant(f"{name}.{i}", p) for i, p in enumerate(params)]
         nodes.append(helper.make_node("BatchNormalization", [source, *names], [name], name=name))
@@ -66,21 +68,21 @@ def chain_model(weights: str = "sparse", seed: int = 0) -> onnx.ModelProto:
 
     h = unary("Relu", batchnorm("bn0", conv("c0", INPUT, 4)))
     h = unary(
-        "MaxPool", unary("Relu", conv("c1", h, CHANNELS)), kernel_shape=[2, 2], strides=[2, 2]
+        "MaxPool", unary("Relu", conv("c1", h, channels)), kernel_shape=[2, 2], strides=[2, 2]
     )
     h = batchnorm("bn1", h)  # not right after a conv: its parameters are gathered
-    slope = constant("slope", rng.uniform(0.05, 0.3, (CHANNELS, 1, 1)))
+    slope = constant("slope", rng.uniform(0.05, 0.3, (channels, 1, 1)))
     nodes.append(
-        helper.make_node("PRelu", [batchnorm("bn2", conv("c2", h, CHANNELS)), slope], ["p"])
+        helper.make_node("PRelu", [batchnorm("bn2", conv("c2", h, channels)), slope], ["p"])
     )
     h = "p"
-    t = unary("Relu", conv("c3", h, CHANNELS))
-    nodes.append(helper.make_node("Add", [t, conv("c4", t, CHANNELS)], [OUTPUT], name="add"))
+    t = unary("Relu", conv("c3", h, channels))
+    nodes.append(helper.make_node("Add", [t, conv("c4", t, channels)], [OUTPUT], name="add"))
     graph = helper.make_graph(
         nodes,
         "chain",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["n", 4, 12, 12])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["n", CHANNELS, 6, 6])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["n", channels, 6, 6])],
         tensors,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -173,6 +175,19 @@ def test_every_lowering_computes_the_dense_weight_its_factors_represent(weights,
     assert gap(gathered, run(lowered(model, chosen, types, lowering), images())) <= 1e-5
 
 
+@pytest.mark.parametrize("lowering", ["gather", "fold"])
+def test_aligned_forms_gather_a_multiple_of_eight_kernels_exactly(lowering):
+    model = chain_model("random", seed=5)
+    chosen, types = factored(model, lambda w: mego(w, 13))
+    out = rewrite(model, chosen, types, ALIGNED_LOWERINGS[lowering])
+    onnx.checker.check_model(out, full_check=True)
+    depthwise = [n for n in out.graph.node if n.name.endswith("/gdws_dw")]
+    assert len(depthwise) == 5
+    assert all(weight_of(out, node).shape[0] == 16 for node in depthwise)  # 13 -> 16
+    reference = run(with_dense_weights(model, chosen), images())
+    assert gap(reference, run(out, images())) <= 1e-5
+
+
 def test_fold_removes_every_gather_where_the_producer_chain_allows_it(exact):
     chosen, _, models = exact
     folded, gathered = models["fold"], models["gather"]
@@ -194,11 +209,12 @@ def test_fold_removes_every_gather_where_the_producer_chain_allows_it(exact):
 
 
 def test_fold_with_one_kernel_per_channel_makes_producers_emit_fewer_channels():
-    model = chain_model("rank1", seed=2)
-    chosen, types = factored(model, lambda w: GdwsFactors(**_drop_channels(lego(w, 1e-6), [1, 5])))
+    model = chain_model("rank1", seed=2, channels=24)
+    dropped = list(range(0, 24, 3))  # 16 channels keep one kernel each
+    chosen, types = factored(model, lambda w: GdwsFactors(**_drop_channels(lego(w, 1e-6), dropped)))
     folded = lowered(model, chosen, types, "fold")
     nodes = nodes_named(folded)
-    assert weight_of(folded, nodes["c0/gdws_pw"]).shape[0] == CHANNELS - 2
+    assert weight_of(folded, nodes["c0/gdws_pw"]).shape[0] == 16
     assert "Gather" in ops(folded) and "c4/gdws_gather" in nodes
     reference = run(with_dense_weights(model, chosen), images())
     assert gap(reference, run(folded, images())) <= 1e-5
