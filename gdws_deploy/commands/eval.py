@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import click
 from rich.console import Console
@@ -14,6 +14,7 @@ from rich.table import Table
 from gdws_deploy.atomic import atomic_open, check_output_path
 
 if TYPE_CHECKING:
+    from gdws_deploy.attacks import Attack
     from gdws_deploy.evaluate import EvalReport
 
 DATASET_HELP = "digits[:train], photos[:train], npz:PATH, cifar10:DIR or svhn:FILE.mat."
@@ -50,10 +51,11 @@ class BatchProgress:
         self.bar.update(self.bar.task_ids[0], completed=done)
 
 
-def dataset_options(batch_size: int) -> Callable[[Callable], Callable]:
-    """--dataset, --limit, --batch-size, --mean, --std, --seed: shared by eval and alphas."""
+def dataset_options(batch_size: int, required: bool = True) -> Callable[[Callable], Callable]:
+    """--dataset, --limit, --batch-size, --mean, --std, --seed: shared by the verbs that
+    measure on data (eval, alphas; convert and sweep, where --dataset calibrates)."""
     options = [
-        click.option("--dataset", required=True, metavar="SPEC", help=DATASET_HELP),
+        click.option("--dataset", required=required, metavar="SPEC", help=DATASET_HELP),
         click.option("--limit", type=click.IntRange(min=1), help="Use the first N samples."),
         click.option(
             "--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True
@@ -63,6 +65,51 @@ def dataset_options(batch_size: int) -> Callable[[Callable], Callable]:
         click.option("--seed", type=int, default=0, show_default=True),
     ]
 
+    return _stacked(options)
+
+
+def attack_options(command: Callable) -> Callable:
+    """--attack, --eps, --steps, --step-size, --restarts; `attacks_from` reads them."""
+    options = [
+        click.option(
+            "--attack",
+            "attack_names",
+            default="pgd-linf",
+            show_default=True,
+            metavar="A[,A...]",
+            help="pgd-linf, pgd-l2, pgd-l1, apgd-ce, apgd-dlr, apgd-ce-l2, apgd-dlr-l2; "
+            "the worst case per sample counts.",
+        ),
+        click.option(
+            "--eps",
+            metavar="E | NORM=E,...",
+            help="Budget, e.g. 8/255 or linf=8/255,l2=0.5 [default: linf 8/255, l2 0.5, l1 12].",
+        ),
+        click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True),
+        click.option(
+            "--step-size", metavar="S | NORM=S,...", help="PGD step [default: 2.5*eps/steps]."
+        ),
+        click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True),
+    ]
+    return _stacked(options)(command)
+
+
+def attacks_from(
+    attack_names: str, eps: Optional[str], steps: int, step_size: Optional[str], restarts: int
+) -> List[Attack]:
+    """The attacks the flags of `attack_options` describe."""
+    from gdws_deploy.attacks import make_attacks, parse_per_norm
+
+    return make_attacks(
+        attack_names,
+        parse_per_norm(eps, "--eps"),
+        steps,
+        parse_per_norm(step_size, "--step-size"),
+        restarts,
+    )
+
+
+def _stacked(options: List[Callable]) -> Callable[[Callable], Callable]:
     def decorate(command: Callable) -> Callable:
         for option in reversed(options):
             command = option(command)
@@ -81,23 +128,7 @@ def dataset_options(batch_size: int) -> Callable[[Callable], Callable]:
     help="Runtime that gives the verdict: ort, or trt with --engine.",
 )
 @click.option("--engine", type=click.Path(path_type=Path), help="TensorRT engine (.plan).")
-@click.option(
-    "--attack",
-    "attack_names",
-    default="pgd-linf",
-    show_default=True,
-    metavar="A[,A...]",
-    help="pgd-linf, pgd-l2, pgd-l1, apgd-ce, apgd-dlr, apgd-ce-l2, apgd-dlr-l2; "
-    "the worst case per sample counts.",
-)
-@click.option(
-    "--eps",
-    metavar="E | NORM=E,...",
-    help="Budget, e.g. 8/255 or linf=8/255,l2=0.5 [default: linf 8/255, l2 0.5, l1 12].",
-)
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--step-size", metavar="S | NORM=S,...", help="PGD step [default: 2.5*eps/steps].")
-@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True)
+@attack_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report.")
 def eval_command(
     model: Path,
@@ -117,17 +148,11 @@ def eval_command(
     json_path: Optional[Path],
 ) -> None:
     """Attack MODEL (ONNX) through its torch mirror and judge it on the deployed backend."""
-    from gdws_deploy.attacks import make_attacks, parse_channels, parse_per_norm
+    from gdws_deploy.attacks import parse_channels
     from gdws_deploy.data import load_dataset
     from gdws_deploy.evaluate import evaluate
 
-    attacks = make_attacks(
-        attack_names,
-        parse_per_norm(eps, "--eps"),
-        steps,
-        parse_per_norm(step_size, "--step-size"),
-        restarts,
-    )
+    attacks = attacks_from(attack_names, eps, steps, step_size, restarts)
     if json_path is not None:
         check_output_path(json_path, model, *([engine] if engine else []))
     data = load_dataset(dataset, limit)
