@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from gdws_deploy.convert import convert
+from gdws_deploy import convert
 from gdws_deploy.cost_model import CostModel, Form, LayerShape
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import GdwsFactors, lego, mego
