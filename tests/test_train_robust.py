@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from torch import nn
+
+from gdws_deploy.data import Dataset
+from models.train_robust import build_model, init_overlap, load_split, recipe_from_args, train
+
+
+def _recipe(**changes):
+    settings = dict(
+        dataset="photos",
+        seed=3,
+        epochs=1,
+        batch_size=32,
+        lr=0.05,
+        weight_decay=5e-4,
+        init_scale=0.1,
+        eps=4.0,
+        train_steps=1,
+        eval_steps=1,
+        threads=2,
+    )
+    return recipe_from_args(argparse.Namespace(**{**settings, **changes}))
+
+
+def _tiny_photos() -> Dataset:
+    """Random images: training mechanics do not need real data, and these load instantly."""
+    rng = np.random.default_rng(0)
+    x = rng.random((48, 1, 32, 32), dtype=np.float32)
+    return Dataset("tiny", x, np.arange(48) % 10)
+
+
+def test_same_seed_trains_the_same_weights():
+    recipe, data = _recipe(), _tiny_photos()
+    first = train(recipe, build_model(recipe, data), data).state_dict()
+    second = train(recipe, build_model(recipe, data), data).state_dict()
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+
+
+def test_init_scale_changes_no_output_but_through_batchnorm_epsilon():
+    data = _tiny_photos()
+    x = torch.from_numpy(data.x[:16])
+    small = build_model(_recipe(init_scale=0.1), data).train()
+    default = build_model(_recipe(init_scale=1.0), data).train()
+    for norm in [*small.modules(), *default.modules()]:
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.eps = 1e-12
+    with torch.no_grad():
+        np.testing.assert_allclose(small(x), default(x), rtol=1e-4, atol=1e-5)
+    kernels = [m.weight for m in small.modules() if isinstance(m, nn.Conv2d)]
+    originals = [m.weight for m in default.modules() if isinstance(m, nn.Conv2d)]
+    for kernel, original in zip(kernels, originals):
+        torch.testing.assert_close(kernel, original * 0.1)
+
+
+def test_init_overlap_is_one_at_the_start_and_falls_with_training():
+    recipe, data = _recipe(epochs=2, lr=0.5), _tiny_photos()
+    model = build_model(recipe, data)
+    initial = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    np.testing.assert_allclose(init_overlap(model, initial), 1.0, atol=1e-6)
+    train(recipe, model, data)
+    assert np.mean(init_overlap(model, initial)) < 0.99
+
+
+def test_digits_are_upsampled_to_the_photo_size_and_keep_their_range():
+    digits = load_split("digits", "test")
+    assert digits.x.shape[1:] == (1, 32, 32)
+    assert digits.x.min() >= 0 and digits.x.max() <= 1
+    assert digits.name == "digits:test@32x32"
