@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import click
 from rich.console import Console
@@ -13,10 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from gdws_deploy.atomic import atomic_open, check_output_path
+from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.gdws import ALLOCATIONS
 
 if TYPE_CHECKING:
     from gdws_deploy.convert import ConvertReport
+    from gdws_deploy.operating_point import OperatingPoint
 
 DEFAULT_MAC_REDUCTION = 2.0
 LOWERING_CHOICES = ("auto", "gather", "pad", "fold", "dense")
@@ -105,6 +108,23 @@ class _Number(click.ParamType):
     type=click.Path(path_type=Path),
     help="JSON file of measured layer times, read and updated (reused across runs).",
 )
+@click.option(
+    "--allocation",
+    type=click.Choice(list(ALLOCATIONS)),
+    default="auto",
+    show_default=True,
+    help="How a MAC target shares kernels across layers: "
+    + "; ".join(f"{name}: {text}" for name, text in ALLOCATIONS.items()),
+)
+@click.option(
+    "--max-robust-drop",
+    type=_Number(float),
+    metavar="D",
+    help="Search the largest MAC reduction losing at most D robust accuracy (0.01: one "
+    "point) on --dataset, instead of a fixed target.",
+)
+@dataset_options(batch_size=128, required=False)
+@attack_options
 def convert_command(
     model: Path,
     output: Optional[Path],
@@ -122,15 +142,30 @@ def convert_command(
     tune_batch: Optional[int],
     tune_threads: Optional[int],
     tune_cache: Optional[Path],
+    allocation: str,
+    max_robust_drop: Optional[float],
+    dataset: Optional[str],
+    limit: Optional[int],
+    batch_size: int,
+    mean: Optional[str],
+    std: Optional[str],
+    seed: int,
+    attack_names: str,
+    eps: Optional[str],
+    steps: int,
+    step_size: Optional[str],
+    restarts: int,
 ) -> None:
     """Rewrite the KxK convolutions of MODEL (ONNX) into GDWS form.
 
-    Give one target: --beta, --budget or --mac-reduction. Prints one row per Conv (its
-    lowering too) and the parity of the result against MODEL in onnxruntime.
+    Give one target: --beta, --budget, --mac-reduction, or --max-robust-drop with
+    --dataset. With --dataset, a MAC target is calibrated on that data (measured loss
+    curves for the default allocation). Prints one row per Conv (its lowering too) and
+    the parity of the result against MODEL in onnxruntime.
     """
-    from gdws_deploy.convert import convert_file
     from gdws_deploy.measure import backend_named
 
+    _check_calibration(max_robust_drop, dataset, beta, budget, mac_reduction)
     if beta is None and budget is None and mac_reduction is None:
         mac_reduction = DEFAULT_MAC_REDUCTION
     output = output or model.with_name(f"{model.stem}.gdws.onnx")
@@ -139,27 +174,41 @@ def convert_command(
         if report_path.resolve() == output.resolve():
             raise GdwsError("--report must differ from the output model path")
     errors = Console(stderr=True)
-    with LayerProgress(errors) as progress:
-        report, written = convert_file(
-            model,
-            output,
-            beta=beta,
-            budget=budget,
-            mac_reduction=mac_reduction,
-            alphas=alphas,
-            all_layers=all_layers,
-            include=include,
-            exclude=exclude,
-            check_parity=not no_parity,
-            progress=progress,
-            lowering=lowering,
-            tune=backend_named(tune, tune_threads),
-            tune_batch=tune_batch,
-            tune_cache=tune_cache,
-        )
+    options = dict(
+        alphas=alphas,
+        all_layers=all_layers,
+        include=include,
+        exclude=exclude,
+        lowering=lowering,
+        tune=backend_named(tune, tune_threads),
+        tune_batch=tune_batch,
+        tune_cache=tune_cache,
+        allocation=allocation,
+    )
     console = Console()
     if not console.is_terminal:  # logs and pipes: keep whole layer names on one line
         console.width = max(console.width, WIDE_OUTPUT)
+    search = None
+    if dataset is None:
+        with LayerProgress(errors) as progress:
+            report, written = _convert_file(
+                model, output, beta, budget, mac_reduction, not no_parity, progress, options
+            )
+    else:
+        from gdws_deploy.commands.sweep import robustness_check, search_table
+
+        attacks = attacks_from(attack_names, eps, steps, step_size, restarts)
+        check = robustness_check(dataset, limit, batch_size, mean, std, seed, "ort", attacks)
+        search, report, written = _calibrated(
+            model, output, check, max_robust_drop, mac_reduction, not no_parity, options, errors
+        )
+        if search is not None:
+            console.print(search_table(search))
+        if report is None:
+            errors.print(
+                "[yellow]warning:[/] no MAC reduction keeps the robust drop; nothing written"
+            )
+            return
     console.print(_layer_table(report))
     console.print(_totals(report))
     if not written:
@@ -170,8 +219,87 @@ def convert_command(
     if report_path is not None:
         with atomic_open(report_path) as handle:
             record = {**report.to_dict(), "input": str(model), "output": str(output)}
+            if search is not None:
+                record["search"] = search.to_dict()
             json.dump(record, handle, indent=2)
     console.print(f"wrote {output}", markup=False, highlight=False)
+
+
+def _check_calibration(
+    max_robust_drop: Optional[float],
+    dataset: Optional[str],
+    beta: Optional[float],
+    budget: Optional[int],
+    mac_reduction: Optional[float],
+) -> None:
+    """Calibration data serves a MAC target; --max-robust-drop chooses that target."""
+    if max_robust_drop is None:
+        if dataset is not None and (beta is not None or budget is not None):
+            raise GdwsError(
+                "--dataset calibrates a MAC-reduction target; --beta and --budget do not use it"
+            )
+        return
+    from gdws_deploy.operating_point import check_max_drop
+
+    check_max_drop(max_robust_drop)
+    if beta is not None or budget is not None or mac_reduction is not None:
+        raise GdwsError(
+            "--max-robust-drop chooses the MAC reduction itself: leave out "
+            "--beta, --budget and --mac-reduction"
+        )
+    if dataset is None:
+        raise GdwsError("--max-robust-drop needs --dataset CALIB, the data the drop is measured on")
+
+
+def _convert_file(model, output, beta, budget, mac_reduction, parity, progress, options):
+    from gdws_deploy.convert import convert_file
+
+    return convert_file(
+        model,
+        output,
+        beta=beta,
+        budget=budget,
+        mac_reduction=mac_reduction,
+        check_parity=parity,
+        progress=progress,
+        **options,
+    )
+
+
+def _calibrated(
+    model: Path,
+    output: Path,
+    check,
+    max_robust_drop: Optional[float],
+    mac_reduction: Optional[float],
+    parity: bool,
+    options: dict,
+    errors: Console,
+) -> Tuple[Optional[OperatingPoint], Optional[ConvertReport], bool]:
+    """A MAC target calibrated on data: fixed, or searched for --max-robust-drop."""
+    from gdws_deploy.operating_point import convert_within_drop
+    from gdws_deploy.sensitivity import calibration_options
+
+    check_output_path(output, model)
+    alphas = options.pop("alphas")
+    errors.print(f"[dim]calibrating on {len(check.dataset)} samples of {check.dataset.name}[/]")
+    options.update(
+        calibration_options(model, check, options["allocation"], alphas=alphas, selection=options)
+    )
+    if max_robust_drop is None:
+        report, written = _convert_file(
+            model, output, None, None, mac_reduction, parity, None, options
+        )
+        return None, report, written
+
+    def said(probe) -> None:
+        if probe.drop is not None:
+            errors.print(f"[dim]probe {probe.target:g}x: robust drop {probe.drop:+.1%}[/]")
+
+    search, report = convert_within_drop(
+        model, output, max_robust_drop, check, options, on_probe=said, check_parity=parity
+    )
+    return search, report, report is not None
 
 
 class LayerProgress:

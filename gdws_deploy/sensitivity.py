@@ -1,0 +1,177 @@
+"""Measured sensitivity: how much robust loss each layer's GDWS cut costs, on real data.
+
+The error measures of the GDWS math (s^2, alpha-weighted s^2) do not share one scale
+across layers, so a whole-model allocation by them misjudges which layer can give up
+kernels (benchmarks/allocation_rules.py). This module measures it instead: the original
+is attacked once on calibration data; then, one layer at a time, the layer's weight is
+replaced by its GDWS form at a grid of kernel counts and the cross-entropy on those fixed
+adversarial inputs is measured again. The increases form one LossCurve per layer, which
+gdws.allocate("measured") turns into kernels. Forward passes only: a grid of counts
+times the layers, no attack per count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the torch idiom)
+
+from gdws_deploy import graph as onnx_graph
+from gdws_deploy.attacks import with_normalization, worst_case
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.gdws import (
+    USES_ALPHAS,
+    ChannelSpectra,
+    LossCurve,
+    SpectraCache,
+    mego,
+    resolve_allocation,
+)
+from gdws_deploy.mirror import OnnxMirror
+from gdws_deploy.robustness import RobustnessCheck
+
+# Kernel counts measured per layer, in multiples of its input channels C (G = C is the
+# depthwise-separable point); 0 (the layer zeroed) is always measured too.
+DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# progress(layers done, layers total)
+Progress = Callable[[int, int], None]
+# convert() options that choose the layers, honoured when measuring
+SELECTION = ("all_layers", "include", "exclude")
+
+
+def measure_loss_curves(
+    model: Union[str, Path, onnx_graph.LoadedModel],
+    check: RobustnessCheck,
+    spectra: Optional[SpectraCache] = None,
+    grid: Sequence[float] = DEFAULT_GRID,
+    progress: Optional[Progress] = None,
+    all_layers: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> Dict[str, LossCurve]:
+    """A LossCurve per Conv that convert() with the same layer selection would rewrite.
+
+    Counts above the point where the GDWS form would cost as many MACs as the dense conv
+    are not measured: no allocation buys them. `spectra` is filled and reused.
+    """
+    loaded = model if isinstance(model, onnx_graph.LoadedModel) else onnx_graph.load_model(model)
+    types = onnx_graph.check_and_infer(loaded.model)
+    macs = onnx_graph.count_macs(loaded.model, types)
+    layers = [
+        layer
+        for layer in onnx_graph.find_convs(loaded.model, types, macs, all_layers, include, exclude)
+        if layer.eligible
+    ]
+    if not layers:
+        raise GdwsError("the model has no Conv that GDWS can rewrite")
+    spectra = spectra if spectra is not None else SpectraCache()
+    mirror = OnnxMirror(loaded.model).eval()
+    target = with_normalization(mirror, check.mean, check.std, check.dataset.x.shape[1])
+    x, y = _attacked(target, mirror, check)
+    baseline = _loss(target, x, y, check.batch_size)
+    curves = {}
+    for done, layer in enumerate(layers, start=1):
+        weight = mirror.tensor(loaded.model.graph.node[layer.index].input[1])
+        layer_spectra = spectra.get(layer.name, layer.weight)
+        counts = _counts(layer, layer_spectra, grid)
+        losses = []
+        original = weight.detach().clone()
+        try:
+            for count in counts:
+                with torch.no_grad():
+                    weight.copy_(_cut_weight(layer_spectra, int(count), original))
+                losses.append(_loss(target, x, y, check.batch_size) - baseline)
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+        curves[layer.name] = LossCurve(counts, np.array(losses))
+        if progress is not None:
+            progress(done, len(layers))
+    return curves
+
+
+def calibration_options(
+    model: Union[str, Path],
+    check: RobustnessCheck,
+    allocation: str,
+    by_beta: bool = False,
+    alphas: Union[str, Path, Mapping[str, np.ndarray], None] = None,
+    spectra: Optional[SpectraCache] = None,
+    selection: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The convert() options of a calibrated conversion, measured once on `check` and
+    reused for every target: loss curves for the measured rule (what "auto" becomes with
+    data), alphas for the alpha and lego rules and for LEGO betas (the paper's way;
+    computed with the check's first attack unless given), and one SpectraCache (`spectra`
+    when given). selection: the convert() options among SELECTION, so that only the
+    layers convert will rewrite are measured.
+    """
+    from gdws_deploy.alphas import compute_alphas
+
+    cache = spectra if spectra is not None else SpectraCache()
+    options: Dict[str, Any] = {"allocation": allocation, "spectra_cache": cache}
+    rule = resolve_allocation(allocation, has_curves=True)
+    if not by_beta and rule == "measured":
+        chosen = {key: value for key, value in (selection or {}).items() if key in SELECTION}
+        options["loss_curves"] = measure_loss_curves(model, check, cache, **chosen)
+    if alphas is None and (by_beta or rule in USES_ALPHAS):
+        alphas = compute_alphas(
+            model,
+            check.dataset,
+            check.attacks[0],
+            batch_size=min(check.batch_size, 32),  # memory grows with classes x activations
+            mean=check.mean,
+            std=check.std,
+            seed=check.seed,
+        ).alphas
+    if alphas is not None:
+        options["alphas"] = alphas
+    return options
+
+
+def _attacked(
+    target: Callable[[torch.Tensor], torch.Tensor], mirror: OnnxMirror, check: RobustnessCheck
+):
+    """The check's samples after its attacks on the original, and their labels."""
+    with torch.no_grad():
+        check.dataset.check_model(
+            mirror.input_shapes[0], lambda sample: target(torch.from_numpy(sample)).shape[1]
+        )
+    generator = torch.Generator().manual_seed(check.seed)
+    batches = []
+    for x_batch, y_batch in check.dataset.batches(check.batch_size):
+        x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
+        batches.append(worst_case(target, x, y, check.attacks, generator).x_adv.detach())
+    return torch.cat(batches), torch.from_numpy(check.dataset.y)
+
+
+def _loss(
+    target: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch: int
+) -> float:
+    """Mean cross-entropy of `target` on (x, y), in batches."""
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(y), batch):
+            logits = target(x[start : start + batch])
+            total += float(F.cross_entropy(logits, y[start : start + batch], reduction="sum"))
+    return total / len(y)
+
+
+def _counts(layer: onnx_graph.ConvLayer, spectra: ChannelSpectra, grid: Sequence[float]):
+    """0 and the grid's kernel counts that are below every term and cheaper than dense."""
+    m, channels, kh, kw = layer.weight_shape
+    kernel_macs = (kh * kw + m) * layer.pixels
+    counts = np.rint(np.asarray(grid, dtype=np.float64) * channels).astype(np.int64)
+    useful = (counts >= 1) & (counts < spectra.s.size) & (counts * kernel_macs < layer.macs)
+    return np.unique(np.concatenate(([0], counts[useful])))
+
+
+def _cut_weight(spectra: ChannelSpectra, count: int, like: torch.Tensor) -> torch.Tensor:
+    """The dense weight of the layer's GDWS form with `count` kernels (0: all zero)."""
+    if count == 0:
+        return torch.zeros_like(like)
+    dense = mego(spectra, count).to_dense()
+    return torch.from_numpy(dense).to(dtype=like.dtype, device=like.device)

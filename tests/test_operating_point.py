@@ -1,0 +1,111 @@
+"""--max-robust-drop: the search on a small trained model, its bracket, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from digits_fixtures import export_trained_digits_cnn, one_torch_thread  # noqa: F401
+
+from gdws_deploy.attacks import make_attacks
+from gdws_deploy.data import load_dataset
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.gdws import SpectraCache
+from gdws_deploy.operating_point import RESOLUTION, check_max_drop, search_operating_point
+from gdws_deploy.robustness import RobustnessCheck
+from tests.cli_run import assert_one_line_error, run_cli
+
+MAX_DROP = 0.05
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    return export_trained_digits_cnn(tmp_path_factory.mktemp("model") / "digits.onnx")
+
+
+@pytest.fixture(scope="module")
+def check():
+    attacks = tuple(make_attacks("pgd-linf", {"linf": 0.05}, steps=2))
+    return RobustnessCheck(load_dataset("digits", limit=100), attacks)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model, check, tmp_path):
+    cache = SpectraCache()
+    point = search_operating_point(
+        digits_model, MAX_DROP, check, tmp_path, {"spectra_cache": cache}
+    )
+    best = point.best
+    assert best is not None and best.within and best.drop <= MAX_DROP
+    assert best.robust_acc == check.evaluate(best.model).robust_acc  # same samples and attack
+    above = [p for p in point.probes if p.target > best.target]
+    assert above, "the search must have seen a target beyond the drop"
+    next_above = min(above, key=lambda p: p.target)
+    assert not next_above.within and next_above.drop > MAX_DROP
+    assert next_above.target / best.target <= 1 + RESOLUTION
+    for probe in point.probes:
+        assert probe.within == (probe.drop <= MAX_DROP)
+        assert probe.drop == pytest.approx(point.robust_acc - probe.robust_acc)
+        assert probe.reduction >= probe.target * (1 - 1e-9)
+    assert cache.computed == 1  # one SVD for the one eligible conv, across every probe
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_search_that_nothing_passes_keeps_the_original(digits_model, check, tmp_path):
+    point = search_operating_point(digits_model, 0.0, check, tmp_path, grid=(3.0,), resolution=2)
+    assert point.best is None
+    assert [(p.target, p.within) for p in point.probes] == [(3.0, False)]
+    assert point.probes[0].drop > 0
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_targets_out_of_reach_bound_the_search(digits_model, check, tmp_path):
+    point = search_operating_point(
+        digits_model, 0.99, check, tmp_path, grid=(2.0, 50.0), resolution=4
+    )
+    assert [p.target for p in point.probes] == [2.0, 50.0, 10.0]
+    assert [p.reduction is None for p in point.probes] == [False, True, True]
+    assert "cannot reach 50x fewer MACs: at most 3.3" in point.probes[1].note
+    assert point.best == point.probes[0]
+
+
+@pytest.mark.parametrize("drop", [-0.1, 1.0, float("nan")])
+def test_drop_must_be_a_fraction(drop):
+    with pytest.raises(GdwsError, match="max robust drop must be a fraction"):
+        check_max_drop(drop)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_writes_the_chosen_model_and_every_probe(digits_model, tmp_path, capsys):
+    out, report = tmp_path / "fast.onnx", tmp_path / "report.json"
+    result = run_cli(
+        capsys, "convert", digits_model, "-o", out, "--report", report,
+        "--max-robust-drop", MAX_DROP, "--dataset", "digits", "--limit", 100,
+        "--eps", "0.05", "--steps", 2,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "chosen" in result.out and out.exists()
+    record = json.loads(report.read_text())
+    best = record["search"]["best"]
+    assert record["target"] == f"mac_reduction={best['target']:g}"
+    assert record["allocation"] == "measured" and best["drop"] <= MAX_DROP
+    assert len(record["search"]["probes"]) >= 2
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--max-robust-drop", "-0.01", "--dataset", "digits"], "must be a fraction in [0, 1)"),
+        (["--max-robust-drop", "0.01"], "--max-robust-drop needs --dataset CALIB"),
+        (["--max-robust-drop", "0.01", "--dataset", "digits", "--beta", "1"], "leave out"),
+        (["--max-robust-drop", "x"], "--max-robust-drop must be a number"),
+        (["--allocation", "greedy"], "'greedy' is not one of"),
+        (["--dataset", "nosuch", "--mac-reduction", "2"], "unknown dataset 'nosuch'"),
+        (["--dataset", "digits", "--budget", "2"], "--beta and --budget do not use it"),
+    ],
+)
+def test_cli_bad_calibration_input_is_one_line(digits_model, tmp_path, capsys, args, fragment):
+    out = tmp_path / "out.onnx"
+    result = run_cli(capsys, "convert", digits_model, "-o", out, *args)
+    assert_one_line_error(result, fragment)
+    assert not out.exists()
