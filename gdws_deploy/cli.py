@@ -24,6 +24,7 @@ VERBS = {
     "convert": "gdws_deploy.commands.convert:convert_command",
     "alphas": "gdws_deploy.commands.alphas:alphas_command",
     "eval": "gdws_deploy.commands.eval:eval_command",
+    "sweep": "gdws_deploy.commands.sweep:sweep_command",
 }
 
 

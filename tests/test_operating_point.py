@@ -36,7 +36,7 @@ def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model,
         digits_model, MAX_DROP, check, tmp_path, {"spectra_cache": cache}
     )
     best = point.best
-    assert best is not None and best.within and best.drop <= MAX_DROP
+    assert best is not None and best.within and best.drop <= MAX_DROP + 1e-9
     assert best.robust_acc == check.evaluate(best.model).robust_acc  # same samples and attack
     above = [p for p in point.probes if p.target > best.target]
     assert above, "the search must have seen a target beyond the drop"
@@ -44,7 +44,7 @@ def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model,
     assert not next_above.within and next_above.drop > MAX_DROP
     assert next_above.target / best.target <= 1 + RESOLUTION
     for probe in point.probes:
-        assert probe.within == (probe.drop <= MAX_DROP)
+        assert probe.within == (probe.drop <= MAX_DROP + 1e-9)
         assert probe.drop == pytest.approx(point.robust_acc - probe.robust_acc)
         assert probe.reduction >= probe.target * (1 - 1e-9)
     assert cache.computed == 1  # one SVD for the one eligible conv, across every probe
@@ -88,7 +88,7 @@ def test_cli_writes_the_chosen_model_and_every_probe(digits_model, tmp_path, cap
     record = json.loads(report.read_text())
     best = record["search"]["best"]
     assert record["target"] == f"mac_reduction={best['target']:g}"
-    assert record["allocation"] == "measured" and best["drop"] <= MAX_DROP
+    assert record["allocation"] == "measured" and best["drop"] <= MAX_DROP + 1e-9
     assert len(record["search"]["probes"]) >= 2
 
 

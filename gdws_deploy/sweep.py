@@ -1,0 +1,372 @@
+"""`gdws-deploy sweep`: the speed/robustness trade-off of one model, measured end to end.
+
+calibrate once (loss curves or alphas, one SVD per layer) -> convert at every target ->
+[search the --max-robust-drop point] -> clean and robust accuracy of every model under one
+RobustnessCheck -> throughput of every model, all timed interleaved in one run -> JSON,
+plot and converted models in one folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+
+from gdws_deploy.atomic import atomic_open, check_output_path
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.gdws import resolve_allocation
+from gdws_deploy.graph import LoadedModel, check_and_infer, count_macs, load_model, save_model
+from gdws_deploy.operating_point import OperatingPoint, check_max_drop, convert_within_drop
+from gdws_deploy.robustness import RobustnessCheck
+from gdws_deploy.sensitivity import calibration_options
+
+DEFAULT_MAC_REDUCTIONS = (1.5, 2.0, 3.0, 4.0)
+JSON_NAME = "sweep.json"
+PLOT_NAME = "sweep.png"
+# progress(what is being done now)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How throughput is timed: onnxruntime CPU, trtexec's loop, models interleaved."""
+
+    batch: int = 32
+    duration_s: float = 2.0
+    rounds: int = 4
+    threads: int = 0  # onnxruntime's default: one per core
+
+    def validate(self) -> None:
+        if self.batch < 1 or self.rounds < 1 or self.threads < 0 or not self.duration_s > 0:
+            raise GdwsError(
+                "bench settings need batch >= 1, rounds >= 1, threads >= 0, duration > 0"
+            )
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One model of the sweep. kind: original, target (a --mac-reductions or --betas
+    point) or max-drop (the --max-robust-drop answer); speedup: images/s over the
+    original's, measured in the same run."""
+
+    label: str
+    kind: str
+    model: str
+    macs: int
+    reduction: float
+    parameters: int
+    clean_acc: float
+    robust_acc: float
+    robust_ci95: Tuple[float, float]
+    images_per_s: Optional[float] = None
+    speedup: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Every point (the original first), the settings they were measured with, and the
+    --max-robust-drop search when one ran. allocation: the rule the targets used."""
+
+    model: str
+    allocation: str
+    check: Dict[str, Any]
+    calibration: Dict[str, Any]
+    bench: BenchSettings
+    points: Tuple[SweepPoint, ...]
+    operating_point: Optional[OperatingPoint] = None
+
+    @property
+    def original(self) -> SweepPoint:
+        return self.points[0]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model,
+            "allocation": self.allocation,
+            "check": self.check,
+            "calibration": self.calibration,
+            "bench": {"backend": "ort", "device": "cpu", **asdict(self.bench)},
+            "points": [asdict(point) for point in self.points],
+            "operating_point": self.operating_point.to_dict() if self.operating_point else None,
+        }
+
+
+def run_sweep(
+    model: Union[str, Path],
+    out_dir: Union[str, Path],
+    check: RobustnessCheck,
+    *,
+    calibration: Optional[RobustnessCheck] = None,
+    mac_reductions: Optional[Sequence[float]] = None,
+    betas: Optional[Sequence[float]] = None,
+    allocation: str = "auto",
+    alphas: Union[str, Path, Mapping[str, np.ndarray], None] = None,
+    max_robust_drop: Optional[float] = None,
+    bench: BenchSettings = BenchSettings(),
+    convert_options: Optional[Mapping[str, Any]] = None,
+    progress: Optional[Progress] = None,
+) -> SweepResult:
+    """Convert `model` at every target, measure every model, write `out_dir`/sweep.json,
+    sweep.png and the converted models.
+
+    check: what the accuracies are measured with; calibration: the data and attacks that
+    calibrate the conversion and judge the max-robust-drop search (default: `check`).
+    convert_options: further convert() options (include, exclude, lowering, ...).
+    """
+    say = progress or (lambda message: None)
+    targets = _targets(mac_reductions, betas)
+    if max_robust_drop is not None:
+        check_max_drop(max_robust_drop)
+    bench.validate()
+    loaded = load_model(model)
+    out = Path(out_dir)
+    paths = _output_paths(Path(model), out, targets, max_robust_drop is not None)
+    calibration = calibration or check
+    say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
+    by_beta = betas is not None
+    with tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
+        convert_options = _shared_tune_cache(convert_options or {}, Path(scratch))
+        options = {
+            **convert_options,
+            **calibration_options(
+                model, calibration, allocation, by_beta, alphas, selection=convert_options
+            ),
+        }
+        models, operating_point = _convert_all(
+            Path(model),
+            loaded,
+            targets,
+            paths,
+            options,
+            convert_options,
+            calibration,
+            allocation,
+            max_robust_drop,
+            say,
+        )
+    points = _measure(models, check, bench, say)
+    result = SweepResult(
+        model=str(model),
+        allocation="lego per layer"
+        if by_beta
+        else resolve_allocation(allocation, "loss_curves" in options),
+        check=check.describe(),
+        calibration=calibration.describe(),
+        bench=bench,
+        points=tuple(points),
+        operating_point=operating_point,
+    )
+    write_sweep(result, out)
+    return result
+
+
+def write_sweep(result: SweepResult, out_dir: Union[str, Path]) -> Tuple[Path, Path]:
+    """sweep.json and sweep.png in `out_dir`, each written atomically."""
+    from gdws_deploy.plot import save_sweep_plot
+
+    out = Path(out_dir)
+    with atomic_open(out / JSON_NAME) as handle:
+        json.dump(result.to_dict(), handle, indent=2)
+        handle.write("\n")
+    return out / JSON_NAME, save_sweep_plot(result, out / PLOT_NAME)
+
+
+def model_stem(model: Union[str, Path]) -> str:
+    """The model's file name without .onnx, the prefix of everything the sweep writes."""
+    name = Path(model).name
+    return name[: -len(".onnx")] if name.endswith(".onnx") else name
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Floating-point weights stored in the graph (initializers), e.g. conv weights."""
+    floats = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    }
+    return int(
+        sum(
+            np.prod(t.dims, dtype=np.int64)
+            for t in model.graph.initializer
+            if t.data_type in floats
+        )
+    )
+
+
+def _targets(
+    mac_reductions: Optional[Sequence[float]], betas: Optional[Sequence[float]]
+) -> List[Tuple[str, str, float]]:
+    """(label, convert option, value) per target; MAC reductions by default."""
+    if mac_reductions is not None and betas is not None:
+        raise GdwsError("give MAC reductions or betas, not both")
+    if betas is not None:
+        values, key, label = betas, "beta", "beta={:g}"
+        valid = all(np.isfinite(b) and b >= 0 for b in values)
+    else:
+        values = DEFAULT_MAC_REDUCTIONS if mac_reductions is None else mac_reductions
+        key, label = "mac_reduction", "{:g}x"
+        valid = all(np.isfinite(r) and r >= 1 for r in values)
+    if not values:
+        raise GdwsError("the sweep needs at least one target")
+    if not valid:
+        what = "betas must be >= 0" if key == "beta" else "MAC reductions must be >= 1"
+        raise GdwsError(f"{what}, got {', '.join(f'{v:g}' for v in values)}")
+    if len(set(values)) != len(values):
+        raise GdwsError(f"targets repeat: {', '.join(f'{v:g}' for v in values)}")
+    return [(label.format(value), key, float(value)) for value in values]
+
+
+def _output_paths(
+    model: Path, out: Path, targets: Sequence[Tuple[str, str, float]], max_drop: bool
+) -> Dict[str, Any]:
+    """Every file the sweep writes, checked before any work (never the input model)."""
+    if out.exists() and not out.is_dir():
+        raise GdwsError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = model_stem(model)
+    names = {
+        "targets": [
+            out / f"{stem}.{'beta' if key == 'beta' else 'r'}{value:g}.gdws.onnx"
+            for _, key, value in targets
+        ],
+        "max-drop": out / f"{stem}.max-drop.gdws.onnx",
+    }
+    for path in [
+        *names["targets"],
+        names["max-drop"] if max_drop else None,
+        out / JSON_NAME,
+        out / PLOT_NAME,
+    ]:
+        if path is not None:
+            check_output_path(path, model)
+    return names
+
+
+def _shared_tune_cache(options: Mapping[str, Any], scratch: Path) -> Dict[str, Any]:
+    """With tuning on, one cache of layer timings for every conversion of the run."""
+    if options.get("tune") is None or options.get("tune_cache") is not None:
+        return dict(options)
+    return {**options, "tune_cache": scratch / "tune-cache.json"}
+
+
+# (model file, label, kind, MACs, reduction) of each model the sweep measures
+ModelEntry = Tuple[Path, str, str, int, float]
+
+
+def _convert_all(
+    model: Path,
+    loaded: LoadedModel,
+    targets: Sequence[Tuple[str, str, float]],
+    paths: Mapping[str, Any],
+    options: Mapping[str, Any],
+    convert_options: Mapping[str, Any],
+    calibration: RobustnessCheck,
+    allocation: str,
+    max_robust_drop: Optional[float],
+    say: Progress,
+) -> Tuple[List[ModelEntry], Optional[OperatingPoint]]:
+    """The original, a model per target, and the max-robust-drop answer when asked."""
+    models = [(model, "original", "original", _macs(loaded.model), 1.0)]
+    for (label, key, value), path in zip(targets, paths["targets"]):
+        say(f"converting at {label}")
+        models.append(_convert(loaded, path, label, {**options, key: value}))
+    if max_robust_drop is None:
+        return models, None
+    search_options = options
+    if "beta" in (key for _, key, _ in targets):  # betas calibrate LEGO; the search needs
+        cache = options["spectra_cache"]  # a MAC-target calibration of its own
+        search_options = {
+            **convert_options,
+            **calibration_options(
+                model, calibration, allocation, spectra=cache, selection=convert_options
+            ),
+        }
+    point = _search(model, max_robust_drop, calibration, search_options, paths, say)
+    if point.best is not None:
+        best = point.best
+        label = f"drop<={max_robust_drop:.1%}: {best.reduction:.2f}x"
+        models.append((paths["max-drop"], label, "max-drop", best.macs, best.reduction))
+    return models, point
+
+
+def _macs(model: onnx.ModelProto) -> int:
+    return sum(count_macs(model, check_and_infer(model)).values())
+
+
+def _convert(loaded: LoadedModel, path: Path, label: str, options: Mapping[str, Any]) -> ModelEntry:
+    from gdws_deploy.convert import convert
+
+    converted, report = convert(loaded, check_parity=False, **options)
+    save_model(converted, path, like=loaded)
+    return path, label, "target", report.macs_after, report.reduction
+
+
+def _search(
+    model: Path,
+    max_drop: float,
+    calibration: RobustnessCheck,
+    options: Mapping[str, Any],
+    paths: Mapping[str, Any],
+    say: Progress,
+) -> OperatingPoint:
+    """The --max-robust-drop search; its answer is written into the sweep folder."""
+
+    def report(probe) -> None:
+        if probe.drop is None:
+            say(f"search: {probe.target:g}x out of reach")
+            return
+        verdict = "within" if probe.within else "beyond"
+        say(f"search: {probe.target:g}x -> robust drop {probe.drop:+.1%} ({verdict})")
+
+    say(f"searching the largest MAC reduction within {max_drop:.3g} robust drop")
+    point, _ = convert_within_drop(
+        model, paths["max-drop"], max_drop, calibration, options, report, check_parity=False
+    )
+    return point
+
+
+def _measure(
+    models: Sequence[ModelEntry],
+    check: RobustnessCheck,
+    bench: BenchSettings,
+    say: Progress,
+) -> List[SweepPoint]:
+    """Accuracy of each model under `check`, then all of them timed interleaved."""
+    from gdws_deploy.runtime.benchmark import BenchOptions, benchmark_pair, throughput_ratio
+    from gdws_deploy.runtime.runner import OrtRunner
+
+    reports = []
+    for path, label, _, _, _ in models:
+        say(f"attacking {label} ({len(check.dataset)} samples)")
+        reports.append(check.evaluate(path))
+    say(f"timing {len(models)} models interleaved (batch {bench.batch})")
+    options = BenchOptions(duration_s=bench.duration_s, batch=bench.batch)
+    with contextlib.ExitStack() as stack:
+        runners = [stack.enter_context(OrtRunner(m[0], threads=bench.threads)) for m in models]
+        timings = benchmark_pair(runners, options, {}, bench.rounds)
+    base = timings[0].summary
+    points = []
+    for (path, label, kind, macs, reduction), report, timing in zip(models, reports, timings):
+        points.append(
+            SweepPoint(
+                label=label,
+                kind=kind,
+                model=str(path),
+                macs=macs,
+                reduction=reduction,
+                parameters=count_parameters(onnx.load(str(path), load_external_data=False)),
+                clean_acc=report.clean_acc,
+                robust_acc=report.robust_acc,
+                robust_ci95=tuple(report.robust_ci95),
+                images_per_s=timing.summary.images_per_s,
+                speedup=throughput_ratio(base, timing.summary),
+            )
+        )
+    return points

@@ -1,0 +1,139 @@
+"""gdws-deploy sweep: every target converted and measured, JSON, plot and models on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from digits_fixtures import export_trained_digits_cnn, torch_threads
+from matplotlib.image import imread
+
+from gdws_deploy.attacks import make_attacks
+from gdws_deploy.data import load_dataset
+from gdws_deploy.graph import check_and_infer, count_macs
+from gdws_deploy.plot import sweep_figure
+from gdws_deploy.robustness import RobustnessCheck
+from gdws_deploy.sweep import BenchSettings, count_parameters, run_sweep
+from tests.cli_run import assert_one_line_error, run_cli
+
+QUICK_BENCH = BenchSettings(batch=8, duration_s=0.05, rounds=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    return export_trained_digits_cnn(tmp_path_factory.mktemp("model") / "digits.onnx")
+
+
+@pytest.fixture(scope="module")
+def check():
+    attacks = tuple(make_attacks("pgd-linf", {"linf": 0.05}, steps=2))
+    return RobustnessCheck(load_dataset("digits", limit=60), attacks)
+
+
+@pytest.fixture(scope="module")
+def sweep(digits_model, check, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    with torch_threads(1):
+        result = run_sweep(
+            digits_model,
+            out,
+            check,
+            calibration=RobustnessCheck(load_dataset("digits:train", limit=60), check.attacks),
+            mac_reductions=[1.5, 2.0],
+            max_robust_drop=0.05,
+            bench=QUICK_BENCH,
+        )
+    return result, out
+
+
+def test_sweep_json_has_every_point_measured(sweep):
+    result, out = sweep
+    record = json.loads((out / "sweep.json").read_text())
+    assert record == json.loads(json.dumps(result.to_dict()))
+    points = record["points"]
+    assert [p["kind"] for p in points] == ["original", "target", "target", "max-drop"]
+    assert [p["label"] for p in points[:3]] == ["original", "1.5x", "2x"]
+    assert points[0]["reduction"] == 1.0 and points[0]["speedup"] == 1.0
+    for point, target in zip(points[1:3], (1.5, 2.0)):
+        assert point["reduction"] >= target
+    for point in points:
+        model = onnx.load(point["model"])
+        assert sum(count_macs(model, check_and_infer(model)).values()) == point["macs"]
+        assert point["parameters"] == count_parameters(model)
+        assert point["images_per_s"] > 0 and 0 <= point["robust_acc"] <= point["clean_acc"]
+    best = record["operating_point"]["best"]
+    assert best["drop"] <= 0.05 + 1e-9 and points[3]["reduction"] == best["reduction"]
+    assert record["allocation"] == "measured" and record["calibration"]["dataset"] == "digits:train"
+
+
+def test_sweep_png_is_a_real_image(sweep):
+    _, out = sweep
+    image = imread(out / "sweep.png")
+    height, width = image.shape[:2]
+    assert 300 <= height <= 2000 and 600 <= width <= 3000
+    assert image[..., :3].std() > 0.05  # drawn on, not blank
+
+
+def test_sweep_figure_has_labelled_axes_and_a_legend(sweep):
+    result, _ = sweep
+    figure = sweep_figure(result)
+    speed, macs = figure.axes
+    assert "images/s" in speed.get_xlabel() and "MACs" in macs.get_xlabel()
+    assert "robust accuracy" in speed.get_ylabel()
+    for axes in (speed, macs):
+        entries = [text.get_text() for text in axes.get_legend().get_texts()]
+        assert entries == ["original", "GDWS (measured)", "max robust drop"]
+        labels = {text.get_text() for text in axes.texts}
+        assert {"original", "1.5x", "2x"} <= labels and len(labels) == len(result.points)
+
+
+def test_sweep_cli_prints_the_table_and_where_things_are(digits_model, tmp_path, capsys):
+    out = tmp_path / "cli"
+    with torch_threads(1):
+        result = run_cli(
+            capsys, "sweep", digits_model, "--dataset", "digits", "--limit", 40,
+            "--eps", "0.05", "--steps", 1, "--betas", "1,4", "--bench-batch", 4,
+            "--duration", 0.05, "--rounds", 1, "--threads", 1, "--out", out,
+        )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "beta=1" in result.out and "beta=4" in result.out
+    assert f"plot: {out / 'sweep.png'}" in result.out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "digits.beta1.gdws.onnx", "digits.beta4.gdws.onnx", "sweep.json", "sweep.png",
+    ]  # fmt: skip
+    assert json.loads((out / "sweep.json").read_text())["allocation"] == "lego per layer"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--dataset", "digits", "--max-robust-drop", "-0.5"], "must be a fraction in [0, 1)"),
+        (["--dataset", "digits", "--allocation", "best"], "'best' is not one of"),
+        ([], "Missing option '--dataset'"),
+        (["--dataset", "digits", "--mac-reductions", "0.5,2"], "MAC reductions must be >= 1"),
+        (["--dataset", "digits", "--mac-reductions", "2", "--betas", "1"], "not both"),
+        (["--dataset", "digits", "--mac-reductions", "2,x"], "comma-separated numbers"),
+    ],
+)
+def test_sweep_cli_bad_input_is_one_line(digits_model, tmp_path, capsys, args, fragment):
+    out = tmp_path / "never"
+    result = run_cli(capsys, "sweep", digits_model, "--out", out, *args)
+    assert_one_line_error(result, fragment)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_sweep_refuses_an_out_that_is_a_file(digits_model, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    result = run_cli(capsys, "sweep", digits_model, "--dataset", "digits", "--out", out)
+    assert_one_line_error(result, "is not a folder")
+    assert out.read_text() == "keep me"
+
+
+def test_parameters_count_float_initializers_only():
+    weight = onnx.numpy_helper.from_array(np.zeros((4, 3), np.float32), "w")
+    index = onnx.numpy_helper.from_array(np.zeros(5, np.int64), "i")
+    graph = onnx.helper.make_graph([], "g", [], [], initializer=[weight, index])
+    assert count_parameters(onnx.helper.make_model(graph)) == 12
