@@ -214,13 +214,9 @@ def allocate_budget(
     the dense conv goes back to dense (zero error, fewer MACs) and the freed MACs are
     spent again. Raises GdwsError when even one kernel per layer is too many.
     """
-    if not target_reduction >= 1:
-        raise GdwsError(f"MAC reduction must be >= 1, got {target_reduction}")
-    kernel_macs = np.array([c.kernel_macs for c in costs], dtype=np.float64)
-    dense_macs = np.array([c.dense_macs for c in costs], dtype=np.float64)
+    kernel_macs, dense_macs, budget = _mac_budget(costs, fixed_macs, target_reduction)
     sizes = np.array([e.size for e in ranked_energies])
     floor = np.minimum(min_kernels, sizes)
-    budget = (fixed_macs + dense_macs.sum()) / target_reduction
     dense = floor * kernel_macs >= dense_macs
     while True:
         mandatory = fixed_macs + dense_macs[dense].sum() + (floor * kernel_macs)[~dense].sum()
@@ -235,6 +231,17 @@ def allocate_budget(
         if not too_costly.any():
             return [None if d else int(k) for d, k in zip(dense, kept)]
         dense |= too_costly
+
+
+def _mac_budget(
+    costs: Sequence[LayerCost], fixed_macs: int, target_reduction: float
+) -> Tuple[np.ndarray, np.ndarray, float]:
+    """Per-layer MACs per kernel and dense, and the whole model's MAC budget."""
+    if not target_reduction >= 1:
+        raise GdwsError(f"MAC reduction must be >= 1, got {target_reduction}")
+    kernel_macs = np.array([c.kernel_macs for c in costs], dtype=np.float64)
+    dense_macs = np.array([c.dense_macs for c in costs], dtype=np.float64)
+    return kernel_macs, dense_macs, (fixed_macs + dense_macs.sum()) / target_reduction
 
 
 def _greedy_picks(
@@ -438,11 +445,7 @@ def allocate_by_beta(
     gives >= `target_reduction` fewer MACs, found exactly among the values where some
     layer's count changes (MACs fall as beta grows). Raises GdwsError when no beta can.
     """
-    if not target_reduction >= 1:
-        raise GdwsError(f"MAC reduction must be >= 1, got {target_reduction}")
-    kernel_macs = np.array([c.kernel_macs for c in costs], dtype=np.float64)
-    dense_macs = np.array([c.dense_macs for c in costs], dtype=np.float64)
-    budget = (fixed_macs + dense_macs.sum()) / target_reduction
+    kernel_macs, dense_macs, budget = _mac_budget(costs, fixed_macs, target_reduction)
     # dropped[l][d]: error of layer l after dropping its d least worth keeping terms
     dropped = [np.concatenate(([0.0], np.cumsum(e[::-1]))) for e in ranked_energies]
     betas = np.unique(np.concatenate(dropped))

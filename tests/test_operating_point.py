@@ -6,13 +6,11 @@ import json
 
 import pytest
 from digits_fixtures import export_trained_digits_cnn, one_torch_thread  # noqa: F401
+from search_fixtures import quick_check
 
-from gdws_deploy.attacks import make_attacks
-from gdws_deploy.data import load_dataset
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import SpectraCache
 from gdws_deploy.operating_point import RESOLUTION, check_max_drop, search_operating_point
-from gdws_deploy.robustness import RobustnessCheck
 from tests.cli_run import assert_one_line_error, run_cli
 
 MAX_DROP = 0.05
@@ -23,21 +21,16 @@ def digits_model(tmp_path_factory):
     return export_trained_digits_cnn(tmp_path_factory.mktemp("model") / "digits.onnx")
 
 
-@pytest.fixture(scope="module")
-def check():
-    attacks = tuple(make_attacks("pgd-linf", {"linf": 0.05}, steps=2))
-    return RobustnessCheck(load_dataset("digits", limit=100), attacks)
-
-
 @pytest.mark.usefixtures("one_torch_thread")
-def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model, check, tmp_path):
+def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model, tmp_path):
     cache = SpectraCache()
     point = search_operating_point(
-        digits_model, MAX_DROP, check, tmp_path, {"spectra_cache": cache}
+        digits_model, MAX_DROP, quick_check(), tmp_path, {"spectra_cache": cache}
     )
     best = point.best
     assert best is not None and best.within and best.drop <= MAX_DROP + 1e-9
-    assert best.robust_acc == check.evaluate(best.model).robust_acc  # same samples and attack
+    # same samples, attack and seed: measuring the chosen model again gives the same figure
+    assert best.robust_acc == quick_check().evaluate(best.model).robust_acc
     above = [p for p in point.probes if p.target > best.target]
     assert above, "the search must have seen a target beyond the drop"
     next_above = min(above, key=lambda p: p.target)
@@ -51,17 +44,19 @@ def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model,
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_search_that_nothing_passes_keeps_the_original(digits_model, check, tmp_path):
-    point = search_operating_point(digits_model, 0.0, check, tmp_path, grid=(3.0,), resolution=2)
+def test_search_that_nothing_passes_keeps_the_original(digits_model, tmp_path):
+    point = search_operating_point(
+        digits_model, 0.0, quick_check(), tmp_path, grid=(3.0,), resolution=2
+    )
     assert point.best is None
     assert [(p.target, p.within) for p in point.probes] == [(3.0, False)]
     assert point.probes[0].drop > 0
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_targets_out_of_reach_bound_the_search(digits_model, check, tmp_path):
+def test_targets_out_of_reach_bound_the_search(digits_model, tmp_path):
     point = search_operating_point(
-        digits_model, 0.99, check, tmp_path, grid=(2.0, 50.0), resolution=4
+        digits_model, 0.99, quick_check(), tmp_path, grid=(2.0, 50.0), resolution=4
     )
     assert [p.target for p in point.probes] == [2.0, 50.0, 10.0]
     assert [p.reduction is None for p in point.probes] == [False, True, True]

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from digits_fixtures import export_trained_digits_cnn, torch_threads
 from matplotlib.image import imread
+from search_fixtures import quick_check
 
-from gdws_deploy.attacks import make_attacks
 from gdws_deploy.data import load_dataset
 from gdws_deploy.graph import check_and_infer, count_macs
 from gdws_deploy.plot import sweep_figure
@@ -27,20 +27,16 @@ def digits_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def check():
-    attacks = tuple(make_attacks("pgd-linf", {"linf": 0.05}, steps=2))
-    return RobustnessCheck(load_dataset("digits", limit=60), attacks)
-
-
-@pytest.fixture(scope="module")
-def sweep(digits_model, check, tmp_path_factory):
+def sweep(digits_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     with torch_threads(1):
         result = run_sweep(
             digits_model,
             out,
-            check,
-            calibration=RobustnessCheck(load_dataset("digits:train", limit=60), check.attacks),
+            quick_check(),
+            calibration=RobustnessCheck(
+                load_dataset("digits:train", limit=60), quick_check().attacks
+            ),
             mac_reductions=[1.5, 2.0],
             max_robust_drop=0.05,
             bench=QUICK_BENCH,

@@ -1,0 +1,16 @@
+"""One quick robustness check, shared by the search and sweep tests."""
+
+from __future__ import annotations
+
+import functools
+
+from gdws_deploy.attacks import make_attacks
+from gdws_deploy.data import load_dataset
+from gdws_deploy.robustness import RobustnessCheck
+
+
+@functools.lru_cache(maxsize=None)
+def quick_check() -> RobustnessCheck:
+    """PGD l_inf 0.05, 2 steps, on 100 digits test samples: enough to move accuracy."""
+    attacks = tuple(make_attacks("pgd-linf", {"linf": 0.05}, steps=2))
+    return RobustnessCheck(load_dataset("digits", limit=100), attacks)
