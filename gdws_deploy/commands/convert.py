@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 DEFAULT_MAC_REDUCTION = 2.0
 LOWERING_CHOICES = ("auto", "gather", "pad", "fold", "dense")
 TUNE_CHOICES = ("ort", "trt")
+ALLOCATION_HELP = "How a MAC target shares kernels across layers: " + "; ".join(
+    f"{name}: {text}" for name, text in ALLOCATIONS.items()
+)
 # Below this many eligible layers the factoring is too quick for a progress bar.
 PROGRESS_MIN_LAYERS = 8
 WIDE_OUTPUT = 160
@@ -113,8 +116,7 @@ class _Number(click.ParamType):
     type=click.Choice(list(ALLOCATIONS)),
     default="auto",
     show_default=True,
-    help="How a MAC target shares kernels across layers: "
-    + "; ".join(f"{name}: {text}" for name, text in ALLOCATIONS.items()),
+    help=ALLOCATION_HELP,
 )
 @click.option(
     "--max-robust-drop",

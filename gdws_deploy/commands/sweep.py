@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gdws_deploy.commands.convert import LOWERING_CHOICES
+from gdws_deploy.commands.convert import ALLOCATION_HELP, LOWERING_CHOICES
 from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import ALLOCATIONS
@@ -18,10 +18,6 @@ if TYPE_CHECKING:
     from gdws_deploy.operating_point import OperatingPoint
     from gdws_deploy.robustness import RobustnessCheck
     from gdws_deploy.sweep import SweepResult
-
-ALLOCATION_HELP = "How a MAC target shares kernels across layers: " + "; ".join(
-    f"{name}: {text}" for name, text in ALLOCATIONS.items()
-)
 
 
 @click.command("sweep")
