@@ -121,6 +121,7 @@ def run_sweep(
     """
     say = progress or (lambda message: None)
     targets = _targets(mac_reductions, betas)
+    resolve_allocation(allocation, has_curves=True)  # a bad name fails before any work
     if max_robust_drop is not None:
         check_max_drop(max_robust_drop)
     bench.validate()
