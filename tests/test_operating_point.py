@@ -87,6 +87,19 @@ def test_cli_writes_the_chosen_model_and_every_probe(digits_model, tmp_path, cap
     assert len(record["search"]["probes"]) >= 2
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_dataset_calibrates_a_fixed_target_with_measured_curves(digits_model, tmp_path, capsys):
+    out, report = tmp_path / "fast.onnx", tmp_path / "report.json"
+    result = run_cli(
+        capsys, "convert", digits_model, "-o", out, "--report", report, "--mac-reduction", 1.5,
+        "--dataset", "digits:train", "--limit", 50, "--eps", "0.05", "--steps", 1,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    record = json.loads(report.read_text())
+    assert record["allocation"] == "measured" and record["reduction"] >= 1.5
+    assert "search" not in record
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
