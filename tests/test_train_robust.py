@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -34,12 +35,20 @@ def _tiny_photos() -> Dataset:
     return Dataset("tiny", x, np.arange(48) % 10)
 
 
-def test_same_seed_trains_the_same_weights():
-    recipe, data = _recipe(), _tiny_photos()
-    first = train(recipe, build_model(recipe, data), data).state_dict()
-    second = train(recipe, build_model(recipe, data), data).state_dict()
-    for name, value in first.items():
-        assert torch.equal(value, second[name]), name
+@pytest.fixture(scope="module")
+def twice_trained():
+    """Two runs of one recipe: (first model, its initial conv kernels, second model)."""
+    recipe, data = _recipe(epochs=2, lr=0.5), _tiny_photos()
+    first = build_model(recipe, data)
+    initial = [m.weight.detach().clone() for m in first.modules() if isinstance(m, nn.Conv2d)]
+    return train(recipe, first, data), initial, train(recipe, build_model(recipe, data), data)
+
+
+def test_same_seed_trains_the_same_weights(twice_trained):
+    first, _, second = twice_trained
+    reference = second.state_dict()
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, reference[name]), name
 
 
 def test_init_scale_changes_no_output_but_through_batchnorm_epsilon():
@@ -58,13 +67,11 @@ def test_init_scale_changes_no_output_but_through_batchnorm_epsilon():
         torch.testing.assert_close(kernel, original * 0.1)
 
 
-def test_init_overlap_is_one_at_the_start_and_falls_with_training():
-    recipe, data = _recipe(epochs=2, lr=0.5), _tiny_photos()
-    model = build_model(recipe, data)
-    initial = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
-    np.testing.assert_allclose(init_overlap(model, initial), 1.0, atol=1e-6)
-    train(recipe, model, data)
-    assert np.mean(init_overlap(model, initial)) < 0.99
+def test_init_overlap_is_one_at_the_start_and_falls_with_training(twice_trained):
+    trained, initial, _ = twice_trained
+    untrained = build_model(_recipe(epochs=2, lr=0.5), _tiny_photos())
+    np.testing.assert_allclose(init_overlap(untrained, initial), 1.0, atol=1e-6)
+    assert np.mean(init_overlap(trained, initial)) < 0.99
 
 
 def test_digits_are_upsampled_to_the_photo_size_and_keep_their_range():
