@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdws_deploy.alphas import compute_alphas
 from gdws_deploy.attacks import make_attacks, parse_fraction
-from gdws_deploy.convert import convert
+from gdws_deploy.conversion import convert
 from gdws_deploy.data import load_dataset
 from gdws_deploy.gdws import ALLOCATIONS, USES_ALPHAS, SpectraCache
 from gdws_deploy.graph import load_model, save_model

@@ -28,7 +28,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdws_deploy.convert import ConvertReport, convert_file
+from gdws_deploy.conversion import ConvertReport, convert_file
 from gdws_deploy.cost_model import model_input_shape
 from gdws_deploy.measure import OrtBackend, Timing, time_models
 from models.export import export_architecture

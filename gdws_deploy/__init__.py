@@ -17,7 +17,7 @@ _EXPORTS = {
     "ChannelSpectra": "gdws_deploy.gdws",
     "lego": "gdws_deploy.gdws",
     "mego": "gdws_deploy.gdws",
-    "convert": "gdws_deploy.convert",
+    "convert": "gdws_deploy.conversion",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

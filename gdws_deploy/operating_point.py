@@ -36,7 +36,7 @@ from gdws_deploy.graph import LoadedModel, load_model, save_model
 from gdws_deploy.robustness import RobustnessCheck
 
 if TYPE_CHECKING:
-    from gdws_deploy.convert import ConvertReport
+    from gdws_deploy.conversion import ConvertReport
 
 COARSE_GRID = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 RESOLUTION = 0.05  # stop when the bracket's ends are within 5 % of each other
@@ -157,7 +157,7 @@ def convert_within_drop(
 
     The report is None, and nothing is written, when no target keeps the drop.
     """
-    from gdws_deploy.convert import convert_file
+    from gdws_deploy.conversion import convert_file
 
     check_max_drop(max_drop)
     check_output_path(output, source)
@@ -188,7 +188,7 @@ def _probe(
     index: int,
 ) -> Probe:
     """Convert at `target`, save, measure; out-of-reach targets count as beyond the drop."""
-    from gdws_deploy.convert import convert
+    from gdws_deploy.conversion import convert
 
     target = float(f"{target:.4g}")
     try:

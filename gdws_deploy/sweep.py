@@ -302,7 +302,7 @@ def _macs(model: onnx.ModelProto) -> int:
 
 
 def _convert(loaded: LoadedModel, path: Path, label: str, options: Mapping[str, Any]) -> ModelEntry:
-    from gdws_deploy.convert import convert
+    from gdws_deploy.conversion import convert
 
     converted, report = convert(loaded, check_parity=False, **options)
     save_model(converted, path, like=loaded)

@@ -1,7 +1,7 @@
 """Clean and robust accuracy of a trained model after GDWS conversion at several MAC targets.
 
 Reads the JSON record train_robust.py wrote beside the model for the dataset and the exact
-attack, converts with gdws_deploy.convert (whole-model MAC target, default allocation),
+attack, converts with gdws_deploy.conversion (whole-model MAC target, default allocation),
 and measures every converted model with gdws_deploy.evaluate, so each row faces the same
 attack as the recorded original. Prints a markdown table; `-o` also writes JSON.
 
@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.attacks import Attack
-from gdws_deploy.convert import convert_file
+from gdws_deploy.conversion import convert_file
 from gdws_deploy.evaluate import evaluate
 from models.train_robust import load_split
 

@@ -9,7 +9,7 @@ from conv_models import ConvSpec, conv_chain
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gdws_deploy.convert import convert
+from gdws_deploy.conversion import convert
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import (
     ALLOCATIONS,

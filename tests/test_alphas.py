@@ -95,7 +95,7 @@ def test_alphas_file_holds_one_vector_per_eligible_conv_and_the_settings(digits_
 
 
 def test_convert_accepts_the_alphas_file(digits_model, tmp_path):
-    from gdws_deploy.convert import convert
+    from gdws_deploy.conversion import convert
 
     run = compute_alphas(digits_model, load_dataset("digits", limit=8), None)
     path = save_alphas(run, tmp_path / "a.npz")

@@ -485,7 +485,7 @@ def test_zoo_network_matches_onnxruntime(zoo, name):
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_gdws_converted_zoo_network_matches_onnxruntime(zoo, name):
-    from gdws_deploy.convert import convert
+    from gdws_deploy.conversion import convert
 
     converted, report = convert(zoo[name][0], mac_reduction=2.0, check_parity=False)
     assert report.converted > 0

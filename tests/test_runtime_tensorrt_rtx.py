@@ -107,7 +107,7 @@ def test_precision_and_dla_requests_tensorrt_rtx_cannot_honour_fail_cleanly(tmp_
 @pytest.mark.slow
 def test_converted_preact_resnet18_parses_and_builds(tmp_path):
     export = pytest.importorskip("models.export", reason="models/export.py not available")
-    convert = pytest.importorskip("gdws_deploy.convert", reason="convert pass not available")
+    convert = pytest.importorskip("gdws_deploy.conversion", reason="convert pass not available")
     original = export.export_architecture("preactresnet18", tmp_path / "preact18.onnx")
     converted = tmp_path / "preact18.gdws.onnx"
     report, written = convert.convert_file(

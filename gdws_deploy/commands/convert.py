@@ -18,7 +18,7 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import ALLOCATIONS
 
 if TYPE_CHECKING:
-    from gdws_deploy.convert import ConvertReport
+    from gdws_deploy.conversion import ConvertReport
     from gdws_deploy.operating_point import OperatingPoint
 
 DEFAULT_MAC_REDUCTION = 2.0
@@ -254,7 +254,7 @@ def _check_calibration(
 
 
 def _convert_file(model, output, beta, budget, mac_reduction, parity, progress, options):
-    from gdws_deploy.convert import convert_file
+    from gdws_deploy.conversion import convert_file
 
     return convert_file(
         model,

@@ -8,8 +8,6 @@ LEGO (beta), MEGO (budget) or a whole-model MAC allocation (gdws.ALLOCATIONS) ->
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -379,15 +377,3 @@ def _with_parity(
             f"(relative), more than {EXACT_PARITY_LIMIT:g}; --no-parity skips the check"
         )
     return replace(report, parity=deviation)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module makes it the package's `convert` attribute, shadowing the
-    function that `gdws_deploy.convert` promises; so the module answers calls as convert().
-    """
-
-    def __call__(self, *args, **kwargs) -> Tuple[onnx.ModelProto, ConvertReport]:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
