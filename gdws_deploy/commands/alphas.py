@@ -12,7 +12,7 @@ from gdws_deploy.atomic import check_output_path
 from gdws_deploy.commands.eval import BatchProgress, dataset_options
 
 
-@click.command("alphas")
+@click.command("alphas", short_help="Weight error vectors (alphas) for convert --alphas.")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), required=True, help="npz to write."
