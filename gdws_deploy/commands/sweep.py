@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gdws_deploy.commands.convert import ALLOCATION_HELP, LOWERING_CHOICES
+from gdws_deploy.commands.convert import ALLOCATION_HELP, LOWERING_CHOICES, WIDE_OUTPUT
 from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import ALLOCATIONS
@@ -153,6 +153,8 @@ def sweep_command(
         progress=lambda message: errors.print(f"[dim]{message}[/]", highlight=False),
     )
     console = Console()
+    if not console.is_terminal:  # logs and pipes: one line per point
+        console.width = max(console.width, WIDE_OUTPUT)
     console.print(sweep_table(result))
     if result.operating_point is not None:
         console.print(search_table(result.operating_point))
