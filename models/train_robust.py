@@ -131,17 +131,21 @@ def _scale_conv_init(model: nn.Module, scale: float) -> None:
                 conv.weight.mul_(scale)
 
 
-def init_overlap(model: nn.Module, initial: Sequence[torch.Tensor]) -> List[float]:
+def conv_kernels(model: nn.Module) -> List[torch.Tensor]:
+    """A detached copy of every conv weight, in module order."""
+    return [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def init_overlap(kernels: Sequence[torch.Tensor], initial: Sequence[torch.Tensor]) -> List[float]:
     """Per conv: mean over output channels of cos^2(kernel, its initial kernel).
 
     The share of each trained kernel's energy still pointing along its random start;
-    near 0 when training has replaced the start, near 1 when it barely moved.
+    near 0 when training has replaced the start, 1 when it has not moved. Scaling an
+    output channel (BatchNorm folded in at export) leaves it unchanged.
     """
     shares = []
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    for conv, start in zip(convs, initial):
-        rows, first = conv.weight.detach().flatten(1), start.flatten(1)
-        cosine = nn.functional.cosine_similarity(rows, first, dim=1)
+    for kernel, start in zip(kernels, initial):
+        cosine = nn.functional.cosine_similarity(kernel.flatten(1), start.flatten(1), dim=1)
         shares.append(round(float((cosine**2).mean()), 4))
     return shares
 
@@ -158,7 +162,7 @@ def run(recipe: Recipe, output: Path) -> Dict[str, object]:
     train_data, test_data = load_split(recipe.dataset, "train"), load_split(recipe.dataset, "test")
     load_before = os.getloadavg()[0]
     model = build_model(recipe, train_data)
-    initial = [m.weight.detach().clone() for m in model.modules() if isinstance(m, nn.Conv2d)]
+    initial = conv_kernels(model)
     start = time.perf_counter()
     train(recipe, model, train_data)
     train_seconds = time.perf_counter() - start
@@ -180,7 +184,7 @@ def run(recipe: Recipe, output: Path) -> Dict[str, object]:
         "test_accuracy": {**report.to_dict(), "model": output.name},
         "recipe": asdict(recipe),
         "kernel_spectra": onnx_conv_spectra(onnx.load(str(output))),
-        "init_overlap": init_overlap(model, initial),
+        "init_overlap": init_overlap(conv_kernels(model), initial),
         "train_seconds": round(train_seconds, 1),
         # The machine may be shared: the 1-minute load average says how much it was.
         "load_average": {"train_start": load_before, "train_end": os.getloadavg()[0]},

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from gdws_deploy.attacks import Attack
 from gdws_deploy.data import load_dataset
 from gdws_deploy.evaluate import evaluate
 from gdws_deploy.kernel_spectra import onnx_conv_spectra
 from gdws_deploy.photo_patches import CLASS_NAMES
+from models.train_robust import build_model, conv_kernels, init_overlap
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "robust_photos.onnx"
 RECORD = json.loads(MODEL.with_suffix(".json").read_text())
@@ -73,7 +76,20 @@ def test_kernel_spectra_reproduce_from_the_committed_weights():
             assert got[key] == pytest.approx(want[key], abs=1e-4)
 
 
-def test_kernels_are_structured_like_a_real_robust_cnn():
+def test_init_overlap_reproduces_from_the_seed_and_the_committed_weights(test_split):
+    recipe = SimpleNamespace(**RECORD["recipe"])
+    initial = conv_kernels(build_model(recipe, test_split))
+    model = onnx.load(str(MODEL))
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    trained = [
+        torch.from_numpy(weights[n.input[1]]) for n in model.graph.node if n.op_type == "Conv"
+    ]
+    np.testing.assert_allclose(init_overlap(trained, initial), RECORD["init_overlap"], atol=2e-4)
+
+
+def test_kernels_are_structured_and_no_longer_their_random_start():
     # An unstructured 3x3 kernel spreads energy evenly: 1/9 per singular value.
     top1 = [layer["top1"] for layer in RECORD["kernel_spectra"]]
     assert min(top1) > 3 / 9
+    # Past the one-channel stem, training has replaced the random start.
+    assert max(RECORD["init_overlap"][1:]) < 0.05

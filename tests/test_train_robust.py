@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from gdws_deploy.data import Dataset
-from models.train_robust import build_model, init_overlap, load_split, recipe_from_args, train
+from models.train_robust import (
+    build_model,
+    conv_kernels,
+    init_overlap,
+    load_split,
+    recipe_from_args,
+    train,
+)
 
 
 def _recipe(**changes):
@@ -40,7 +47,7 @@ def twice_trained():
     """Two runs of one recipe: (first model, its initial conv kernels, second model)."""
     recipe, data = _recipe(epochs=2, lr=0.5), _tiny_photos()
     first = build_model(recipe, data)
-    initial = [m.weight.detach().clone() for m in first.modules() if isinstance(m, nn.Conv2d)]
+    initial = conv_kernels(first)
     return train(recipe, first, data), initial, train(recipe, build_model(recipe, data), data)
 
 
@@ -61,17 +68,24 @@ def test_init_scale_changes_no_output_but_through_batchnorm_epsilon():
             norm.eps = 1e-12
     with torch.no_grad():
         np.testing.assert_allclose(small(x), default(x), rtol=1e-4, atol=1e-5)
-    kernels = [m.weight for m in small.modules() if isinstance(m, nn.Conv2d)]
-    originals = [m.weight for m in default.modules() if isinstance(m, nn.Conv2d)]
-    for kernel, original in zip(kernels, originals):
+    for kernel, original in zip(conv_kernels(small), conv_kernels(default)):
         torch.testing.assert_close(kernel, original * 0.1)
 
 
 def test_init_overlap_is_one_at_the_start_and_falls_with_training(twice_trained):
     trained, initial, _ = twice_trained
     untrained = build_model(_recipe(epochs=2, lr=0.5), _tiny_photos())
-    np.testing.assert_allclose(init_overlap(untrained, initial), 1.0, atol=1e-6)
-    assert np.mean(init_overlap(trained, initial)) < 0.99
+    np.testing.assert_allclose(init_overlap(conv_kernels(untrained), initial), 1.0, atol=1e-6)
+    assert np.mean(init_overlap(conv_kernels(trained), initial)) < 0.99
+
+
+def test_init_overlap_ignores_a_scale_per_output_channel():
+    rng = torch.Generator().manual_seed(0)
+    start = torch.randn(8, 4, 3, 3, generator=rng)
+    moved = start + 0.5 * torch.randn(8, 4, 3, 3, generator=rng)
+    scales = torch.linspace(-2, 3, 8)[:, None, None, None]
+    scaled = init_overlap([moved * scales], [start])
+    np.testing.assert_allclose(scaled, init_overlap([moved], [start]), atol=1e-4)
 
 
 def test_digits_are_upsampled_to_the_photo_size_and_keep_their_range():
