@@ -21,7 +21,8 @@ $(STAMP): setup.cfg pyproject.toml
 DEMO_MODEL ?= models/robust_photos.onnx
 demo: $(STAMP)
 	$(BIN)/gdws-deploy sweep $(DEMO_MODEL) --dataset photos --calib photos:train \
-		--limit 200 --eps 4/255 --steps 10 --max-robust-drop 0.01 --tune --out $(OUT)/sweep
+		--limit 200 --eps 4/255 --steps 10 --mac-reductions 2.5,3,4,6 \
+		--max-robust-drop 0.01 --tune --out $(OUT)/sweep
 
 # What runs on the Jetson (JetPack 5: Python 3.8) must parse and run there.
 DEVICE_SIDE := gdws_deploy/runtime jetson gdws_deploy/__init__.py gdws_deploy/atomic.py \
