@@ -1,7 +1,7 @@
 """Clean and robust accuracy of a trained model after GDWS conversion at several MAC targets.
 
 Reads the JSON record train_robust.py wrote beside the model for the dataset and the exact
-attack, converts with gdws_deploy.conversion (whole-model MAC target, default allocation),
+attack, converts with gdws_deploy.conversion (whole-model MAC target, --allocation rule),
 and measures every converted model with gdws_deploy.evaluate, so each row faces the same
 attack as the recorded original. Prints a markdown table; `-o` also writes JSON.
 
@@ -26,11 +26,14 @@ from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.attacks import Attack
 from gdws_deploy.conversion import convert_file
 from gdws_deploy.evaluate import evaluate
+from gdws_deploy.gdws import ALLOCATIONS
 from models.train_robust import load_split
 
 
-def measure(model_path: Path, reductions: Sequence[float]) -> List[Dict[str, object]]:
-    """One row for the original and one per MAC reduction target."""
+def measure(
+    model_path: Path, reductions: Sequence[float], allocation: str = "auto"
+) -> List[Dict[str, object]]:
+    """One row for the original and one per MAC reduction target (gdws.ALLOCATIONS rule)."""
     recipe = json.loads(model_path.with_suffix(".json").read_text())["recipe"]
     torch.set_num_threads(recipe["threads"])
     attacks = [Attack(**recipe["eval_attack"])]
@@ -39,7 +42,9 @@ def measure(model_path: Path, reductions: Sequence[float]) -> List[Dict[str, obj
     with tempfile.TemporaryDirectory() as folder:
         for target in reductions:
             converted = Path(folder) / f"gdws_{target:g}x.onnx"
-            report, _ = convert_file(model_path, converted, mac_reduction=target)
+            report, _ = convert_file(
+                model_path, converted, mac_reduction=target, allocation=allocation
+            )
             scores = evaluate(converted, data, attacks, seed=recipe["seed"])
             rows.append(_row(f"{target:g}x", report.reduction, scores))
     return rows
@@ -71,11 +76,13 @@ def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="ONNX model with its train_robust.py JSON")
     parser.add_argument("--mac-reductions", default="1.5,2,3")
+    parser.add_argument("--allocation", default="auto", choices=sorted(ALLOCATIONS))
     parser.add_argument("-o", "--output", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(list(argv) or None)
     if args.output is not None:
         check_output_path(args.output, args.model)
-    rows = measure(args.model, [float(r) for r in args.mac_reductions.split(",")])
+    reductions = [float(r) for r in args.mac_reductions.split(",")]
+    rows = measure(args.model, reductions, args.allocation)
     print(markdown(rows))
     if args.output is not None:
         with atomic_open(args.output) as handle:
