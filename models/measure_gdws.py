@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.attacks import Attack
 from gdws_deploy.conversion import convert_file
+from gdws_deploy.errors import GdwsError
 from gdws_deploy.evaluate import evaluate
 from gdws_deploy.gdws import ALLOCATIONS
 from models.train_robust import load_split
@@ -34,7 +35,10 @@ def measure(
     model_path: Path, reductions: Sequence[float], allocation: str = "auto"
 ) -> List[Dict[str, object]]:
     """One row for the original and one per MAC reduction target (gdws.ALLOCATIONS rule)."""
-    recipe = json.loads(model_path.with_suffix(".json").read_text())["recipe"]
+    record_path = model_path.with_suffix(".json")
+    if not record_path.is_file():
+        raise GdwsError(f"{record_path} not found: measure_gdws needs train_robust.py's record")
+    recipe = json.loads(record_path.read_text())["recipe"]
     torch.set_num_threads(recipe["threads"])
     attacks = [Attack(**recipe["eval_attack"])]
     data = load_split(recipe["dataset"], "test")
@@ -92,4 +96,7 @@ def main(argv: Sequence[str] = ()) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except GdwsError as error:
+        sys.exit(f"measure_gdws.py: error: {error}")

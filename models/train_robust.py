@@ -37,6 +37,7 @@ if __package__ in (None, ""):
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.attacks import Attack, make_attacks, pgd
 from gdws_deploy.data import Dataset, load_dataset
+from gdws_deploy.errors import GdwsError
 from gdws_deploy.evaluate import evaluate
 from gdws_deploy.kernel_spectra import onnx_conv_spectra
 from models.export import export_onnx
@@ -249,4 +250,7 @@ def main(argv: Sequence[str] = ()) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except GdwsError as error:
+        sys.exit(f"train_robust.py: error: {error}")

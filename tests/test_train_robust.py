@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +96,17 @@ def test_digits_are_upsampled_to_the_photo_size_and_keep_their_range():
     assert digits.x.shape[1:] == (1, 32, 32)
     assert digits.x.min() >= 0 and digits.x.max() <= 1
     assert digits.name == "digits:test@32x32"
+
+
+def test_a_missing_output_folder_is_one_line_and_a_failed_exit(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "models" / "train_robust.py"
+    missing = tmp_path / "no-such-folder" / "model.onnx"
+    result = subprocess.run(
+        [sys.executable, str(script), "-o", str(missing)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == f"train_robust.py: error: output directory {missing.parent} does not exist"
+    )
+    assert not missing.parent.exists()
