@@ -28,7 +28,7 @@ from gdws_deploy.conversion import convert_file
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.evaluate import evaluate
 from gdws_deploy.gdws import ALLOCATIONS
-from models.train_robust import load_split
+from models.train_robust import load_split, run_script
 
 
 def measure(
@@ -96,7 +96,4 @@ def main(argv: Sequence[str] = ()) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GdwsError as error:
-        sys.exit(f"measure_gdws.py: error: {error}")
+    run_script(main, Path(__file__).name)

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import onnx
 import torch
@@ -249,8 +249,13 @@ def main(argv: Sequence[str] = ()) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_script(main: Callable[[], int], name: str) -> None:
+    """Exit with main()'s status; a GdwsError is one line on stderr and status 1."""
     try:
         sys.exit(main())
     except GdwsError as error:
-        sys.exit(f"train_robust.py: error: {error}")
+        sys.exit(f"{name}: error: {error}")
+
+
+if __name__ == "__main__":
+    run_script(main, Path(__file__).name)
