@@ -30,6 +30,14 @@ ALLOCATION_HELP = "How a MAC target shares kernels across layers: " + "; ".join(
 # Below this many eligible layers the factoring is too quick for a progress bar.
 PROGRESS_MIN_LAYERS = 8
 WIDE_OUTPUT = 160
+# The --allocation flag, shared by convert and sweep.
+allocation_option = click.option(
+    "--allocation",
+    type=click.Choice(list(ALLOCATIONS)),
+    default="auto",
+    show_default=True,
+    help=ALLOCATION_HELP,
+)
 
 
 class _Number(click.ParamType):
@@ -111,13 +119,7 @@ class _Number(click.ParamType):
     type=click.Path(path_type=Path),
     help="JSON file of measured layer times, read and updated (reused across runs).",
 )
-@click.option(
-    "--allocation",
-    type=click.Choice(list(ALLOCATIONS)),
-    default="auto",
-    show_default=True,
-    help=ALLOCATION_HELP,
-)
+@allocation_option
 @click.option(
     "--max-robust-drop",
     type=_Number(float),

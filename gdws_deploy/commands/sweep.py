@@ -9,10 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gdws_deploy.commands.convert import ALLOCATION_HELP, LOWERING_CHOICES, WIDE_OUTPUT
+from gdws_deploy.commands.convert import LOWERING_CHOICES, WIDE_OUTPUT, allocation_option
 from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import ALLOCATIONS
 
 if TYPE_CHECKING:
     from gdws_deploy.operating_point import OperatingPoint
@@ -31,13 +30,7 @@ if TYPE_CHECKING:
 @attack_options
 @click.option("--mac-reductions", metavar="R[,R...]", help="MAC targets [default: 1.5,2,3,4].")
 @click.option("--betas", metavar="B[,B...]", help="Per-layer LEGO bounds instead (with alphas).")
-@click.option(
-    "--allocation",
-    type=click.Choice(list(ALLOCATIONS)),
-    default="auto",
-    show_default=True,
-    help=ALLOCATION_HELP,
-)
+@allocation_option
 @click.option(
     "--alphas", type=click.Path(path_type=Path), help="npz of alphas [default: computed]."
 )
