@@ -16,16 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import onnx
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import best_of, elapsed, print_verdict
 from gdws_deploy.conversion import convert_file
 from gdws_deploy.gdws import ChannelSpectra
 from gdws_deploy.parity import max_relative_deviation
@@ -47,26 +47,13 @@ def floor_work(source: Path, target: Path) -> None:
     onnx.save(model, str(target))
 
 
-def elapsed(work: Callable[[], object]) -> Tuple[float, float]:
-    """(wall, CPU) seconds; CPU time (all threads) barely moves when others load the machine."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    work()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def best_times(works: Sequence[Callable[[], object]], repeat: int) -> List[Tuple[float, float]]:
-    """Best (wall, CPU) of each piece of work, run in turn so machine load hits all alike."""
-    runs = [[elapsed(work) for work in works] for _ in range(repeat)]
-    return [tuple(min(times) for times in zip(*column)) for column in zip(*runs)]
-
-
 def measure(arch: str, folder: Path, repeat: int, reduction: float) -> List[Tuple[float, float]]:
     """(wall, CPU) seconds of floor, convert and parity for one architecture."""
     source = export_architecture(arch, folder / f"{arch}.onnx")
     out = folder / f"{arch}.gdws.onnx"
     floor = partial(floor_work, source, folder / f"{arch}.floor.onnx")
     conversion = partial(convert_file, source, out, mac_reduction=reduction, check_parity=False)
-    floor_s, convert_s = best_times([floor, conversion], repeat)
+    floor_s, convert_s = best_of([floor, conversion], repeat)
     parity = partial(max_relative_deviation, onnx.load(str(source)), onnx.load(str(out)))
     return [floor_s, convert_s, elapsed(parity)]
 
@@ -89,8 +76,7 @@ def main(argv: Sequence[str] = ()) -> int:
                 f"convert {converted[1]:6.3f}s ratio {converted[1] / floor[1]:4.2f}x "
                 f"| parity check alone {parity[0]:5.3f}s wall"
             )
-    verdict = "meets" if worst <= GOAL else "misses"
-    print(f"worst wall-clock ratio {worst:.2f}x {verdict} the {GOAL}x goal")
+    print_verdict(worst, GOAL)
     return 0
 
 

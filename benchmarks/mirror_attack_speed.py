@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import add_timing_options, apply_threads, best_of
+from benchmarks.timing import add_timing_options, apply_threads, best_of, print_verdict
 from gdws_deploy.attacks import pgd
 from gdws_deploy.mirror import load_mirror
 from models.export import export_onnx
@@ -72,8 +72,7 @@ def main(argv: Sequence[str] = ()) -> int:
                 f"ratio {mirror[0] / native[0]:4.2f}x | CPU: native {native[1]:7.3f}s "
                 f"mirror {mirror[1]:7.3f}s ratio {mirror[1] / native[1]:4.2f}x"
             )
-    verdict = "meets" if worst <= GOAL else "misses"
-    print(f"worst wall-clock ratio {worst:.2f}x {verdict} the {GOAL}x goal")
+    print_verdict(worst, GOAL)
     return 0
 
 

@@ -32,3 +32,9 @@ def apply_threads(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     return torch.get_num_threads()
+
+
+def print_verdict(worst: float, goal: float) -> None:
+    """The closing line of a ratio benchmark: the worst wall-clock ratio against its goal."""
+    verdict = "meets" if worst <= goal else "misses"
+    print(f"worst wall-clock ratio {worst:.2f}x {verdict} the {goal}x goal")
