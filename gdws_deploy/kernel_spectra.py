@@ -12,8 +12,8 @@ from typing import Dict, List
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from gdws_deploy import graph as onnx_graph
 from gdws_deploy.gdws import ChannelSpectra
 
 TOP = 3
@@ -36,23 +36,19 @@ def top_energy_shares(weight: np.ndarray, top: int = TOP) -> np.ndarray:
 
 
 def onnx_conv_spectra(model: onnx.ModelProto, top: int = TOP) -> List[Dict[str, object]]:
-    """top_energy_shares of every ungrouped Conv with a constant KxK weight (K > 1), in
-    graph order: one record per layer with its name, weight shape and the shares."""
-    weights = {init.name: init for init in model.graph.initializer}
-    records = []
-    for node in model.graph.node:
-        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
-            continue
-        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
-        weight = numpy_helper.to_array(weights[node.input[1]])
-        if group != 1 or weight.ndim != 4 or weight.shape[2:] == (1, 1):
-            continue
-        shares = top_energy_shares(weight, top)
-        records.append(
-            {
-                "name": node.name or node.output[0],
-                "weight_shape": list(weight.shape),
-                **{f"top{i + 1}": round(float(share), 4) for i, share in enumerate(shares)},
-            }
-        )
-    return records
+    """top_energy_shares of every Conv the convert pass could rewrite (the first one
+    included), in graph order: one record per layer with its name, weight shape and shares."""
+    types = onnx_graph.check_and_infer(model)
+    layers = onnx_graph.find_convs(model, types, onnx_graph.count_macs(model, types), True)
+    return [
+        {
+            "name": layer.name,
+            "weight_shape": list(layer.weight_shape),
+            **{
+                f"top{i + 1}": round(float(share), 4)
+                for i, share in enumerate(top_energy_shares(layer.weight, top))
+            },
+        }
+        for layer in layers
+        if layer.eligible
+    ]
