@@ -32,6 +32,7 @@ from gdws_deploy.gdws import (
 )
 
 if TYPE_CHECKING:
+    from gdws_deploy.cost_model import CostModel
     from gdws_deploy.measure import Backend
     from gdws_deploy.tuning import Choice
 
@@ -121,6 +122,7 @@ def convert(
     allocation: str = "auto",
     loss_curves: Optional[Mapping[str, LossCurve]] = None,
     spectra_cache: Optional[SpectraCache] = None,
+    speedup: Optional[float] = None,
 ) -> Tuple[onnx.ModelProto, ConvertReport]:
     """Rewrite the eligible Convs of a model into GDWS form.
 
@@ -135,18 +137,23 @@ def convert(
     allocation: how a MAC-reduction target shares kernels across layers (gdws.ALLOCATIONS;
     "auto": "measured" given `loss_curves` from gdws_deploy.sensitivity, else "relative").
     spectra_cache: reuse SVDs across calls on the same model.
+    speedup: at least this many times faster on the tune backend (gdws_deploy.speed_target;
+    needs tune), alone or with `mac_reduction`.
     """
     from gdws_deploy import tuning
 
-    target = _target(beta, budget, mac_reduction)
+    target = _target(beta, budget, mac_reduction, speedup)
     model = _load(model_or_path).model
     costs = tuning.cost_model_for(lowering, tune, tune_batch, tune_cache, model)
+    if speedup is not None and costs is None:
+        raise GdwsError("a speed-up target is measured: give --tune (tune=) too")
     types = onnx_graph.check_and_infer(model)
     macs = onnx_graph.count_macs(model, types)
     convs = onnx_graph.find_convs(model, types, macs, all_layers, include, exclude)
     eligible = [layer for layer in convs if layer.eligible]
     weights = _alphas(alphas, eligible)
-    rule = None if mac_reduction is None else _rule(allocation, weights, loss_curves)
+    aimed = mac_reduction is not None or speedup is not None
+    rule = _rule(allocation, weights, loss_curves) if aimed else None
     cache = spectra_cache if spectra_cache is not None else SpectraCache()
     spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress, cache)))
     plan = functools.partial(
@@ -159,14 +166,31 @@ def convert(
         allocation=rule,
         curves=loss_curves or {},
     )
-    factors, forms = tuning.plan_forms(model, types, eligible, spectra, plan, lowering, costs)
-    chosen = [(layer, factors[layer.index]) for layer in eligible if layer.index in factors]
-    speedup = None
-    if costs is not None and chosen:
-        converted, forms, speedup = tuning.never_slower(model, chosen, types, forms, costs)
-        costs.cache.save()
+    measured = None
+    if speedup is not None:
+        converted, chosen, forms, measured = _for_speedup(
+            model,
+            types,
+            eligible,
+            spectra,
+            costs,
+            speedup,
+            mac_reduction,
+            macs,
+            rule,
+            weights,
+            loss_curves or {},
+        )
+        factors = {layer.index: f for layer, f in chosen}
     else:
-        converted = tuning.lower_model(model, chosen, types, forms)
+        factors, forms = tuning.plan_forms(model, types, eligible, spectra, plan, lowering, costs)
+        chosen = [(layer, factors[layer.index]) for layer in eligible if layer.index in factors]
+        if costs is not None and chosen:
+            converted, forms, measured = tuning.never_slower(model, chosen, types, forms, costs)
+        else:
+            converted = tuning.lower_model(model, chosen, types, forms)
+    if costs is not None:
+        costs.cache.save()
     rows = [_row(layer, factors.get(layer.index), forms.get(layer.name)) for layer in convs]
     report = ConvertReport(
         target=target,
@@ -176,7 +200,7 @@ def convert(
         allocation=rule,
         lowering=lowering,
         tuned=costs and costs.describe(),
-        measured_speedup=speedup,
+        measured_speedup=measured,
     )
     if converted is model:
         return model, report
@@ -214,14 +238,26 @@ def _load(source: ModelSource) -> onnx_graph.LoadedModel:
     raise GdwsError(f"expected an ONNX model or a path, got {type(source).__name__}")
 
 
-def _target(beta: Optional[float], budget: Optional[int], mac_reduction: Optional[float]) -> str:
-    """Validate that exactly one target is given; describe it for the report."""
+def _target(
+    beta: Optional[float],
+    budget: Optional[int],
+    mac_reduction: Optional[float],
+    speedup: Optional[float] = None,
+) -> str:
+    """Validate that exactly one target is given (a speed-up may join a MAC reduction);
+    describe it for the report."""
     given = {
         name: value
         for name, value in (("beta", beta), ("budget", budget), ("mac_reduction", mac_reduction))
         if value is not None
     }
-    if len(given) != 1:
+    if speedup is not None:
+        if not (np.isfinite(speedup) and speedup >= 1):
+            raise GdwsError(f"speed-up must be a finite number >= 1, got {speedup}")
+        if beta is not None or budget is not None:
+            raise GdwsError("a speed-up target goes alone or with a MAC reduction, not beta/budget")
+        given = {**given, "speedup": speedup}
+    elif len(given) != 1:
         named = ", ".join(given) or "none"
         raise GdwsError(f"give exactly one of beta, budget, mac_reduction (got {named})")
     if beta is not None and not (np.isfinite(beta) and beta >= 0):
@@ -230,8 +266,7 @@ def _target(beta: Optional[float], budget: Optional[int], mac_reduction: Optiona
         raise GdwsError(f"budget must be a whole number of kernels >= 1, got {budget}")
     if mac_reduction is not None and not (np.isfinite(mac_reduction) and mac_reduction >= 1):
         raise GdwsError(f"MAC reduction must be a finite number >= 1, got {mac_reduction}")
-    ((name, value),) = given.items()
-    return f"{name}={value:g}"
+    return " ".join(f"{name}={value:g}" for name, value in given.items())
 
 
 def _alphas(source: AlphaSource, layers: Sequence[onnx_graph.ConvLayer]) -> Dict[str, np.ndarray]:
@@ -319,6 +354,40 @@ def _plan(
         for layer, f in zip(layers, factors)
         if f is not None and f.kernels * _cost(layer).kernel_macs < layer.macs
     }
+
+
+def _for_speedup(
+    model: onnx.ModelProto,
+    types: Mapping[str, onnx_graph.TensorType],
+    layers: Sequence[onnx_graph.ConvLayer],
+    spectra: Mapping[str, ChannelSpectra],
+    costs: CostModel,
+    speedup: float,
+    mac_reduction: Optional[float],
+    macs: Mapping[str, int],
+    rule: str,
+    alphas: Mapping[str, np.ndarray],
+    curves: Mapping[str, LossCurve],
+) -> Tuple[onnx.ModelProto, list, Dict[str, Choice], float]:
+    """speed_target's plan for these layers: model, (layer, factors), forms, measured."""
+    from gdws_deploy.speed_target import convert_for_speedup
+
+    total = sum(macs.values())
+    names = [layer.name for layer in layers]
+    plan = convert_for_speedup(
+        model,
+        types,
+        layers,
+        spectra,
+        costs,
+        speedup=speedup,
+        mac_budget=None if mac_reduction is None else total / mac_reduction,
+        fixed_macs=total - sum(layer.macs for layer in layers),
+        rule=rule,
+        alphas=alphas,
+        curves=dict(zip(names, _curves(curves, layers))) if rule == "measured" else {},
+    )
+    return plan.model, plan.chosen, plan.forms, plan.measured
 
 
 def _curves(

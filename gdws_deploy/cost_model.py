@@ -33,6 +33,8 @@ MODEL_TIMING = Timing(rounds=4, queries=4, seconds=1.0, warmup_ms=50.0)
 # The least share of its dense time a layer's form is taken to cost.
 MIN_SHARE = 0.01
 _SPATIAL = ("strides", "pads", "auto_pad", "dilations")
+# Forms whose time grows with the kernels of the fullest channel (one slice per rank).
+SLICED = ("pad", "sum")
 _OPSET = 17
 
 
@@ -98,17 +100,17 @@ class Form:
     @property
     def size(self) -> int:
         """What the form's time grows with: slices for pad, kernels otherwise."""
-        return self.most if self.lowering == "pad" else self.kernels
+        return self.most if self.lowering in SLICED else self.kernels
 
 
 def calibration_forms(shape: LayerShape, lowering: str) -> Tuple[Form, ...]:
-    """The points a form is timed at: G = 1, C, 4C (fold: 1, C; pad: 1, 2, 4 slices).
+    """The points a form is timed at: G = 1, C, 4C (fold: 1, C; pad, sum: 1, 2, 4 slices).
 
     Gather points keep one channel over the rest so a Gather is really emitted.
     """
     c = shape.in_channels
-    if lowering == "pad":
-        return tuple(Form("pad", m * c, m) for m in (1, 2, 4))
+    if lowering in SLICED:
+        return tuple(Form(lowering, m * c, m) for m in (1, 2, 4))
     if lowering == "fold":
         return (Form("fold", 1, 1), Form("fold", c, 1))
     return tuple(Form("gather", g, g // c + 1) for g in (1, c, 4 * c))

@@ -80,6 +80,11 @@ class ChannelSpectra:
         """Weighted energies in keep order, (C*r,) non-increasing."""
         return self.energies(alpha).ravel()[self.keep_order(alpha)]
 
+    def dropped_energy(self, per_channel: int, alpha: Optional[np.ndarray] = None) -> float:
+        """Weighted energy of the terms past the first `per_channel` of every channel."""
+        weights = _channel_weights(alpha, self.in_channels)
+        return float(weights @ np.sum(self.s[:, per_channel:] ** 2, axis=1))
+
     @property
     def total_energy(self) -> float:
         """||W||_F^2, the sum of every s_ci^2."""
@@ -295,10 +300,34 @@ def _truncate(
     total = dropped_error.size
     kept = np.sort(spectra.keep_order(alpha)[:keep])
     channels, index = np.divmod(kept, spectra.rank)
-    kh, kw = spectra.kernel_shape
-    depthwise = spectra.vt[channels, index].reshape(keep, kh, kw)
-    pointwise = (spectra.u[channels, :, index] * spectra.s[channels, index][:, None]).T
     error = float(dropped_error[total - keep - 1]) if keep < total else 0.0
+    return _factors(spectra, channels, index, error)
+
+
+def uniform(
+    weight: WeightOrSpectra, per_channel: int, alpha: Optional[np.ndarray] = None
+) -> GdwsFactors:
+    """Every channel keeps its `per_channel` strongest kernels (all it has, if fewer).
+
+    The form whose depthwise convs need no Gather and no zero kernels: one depthwise conv
+    per kernel rank, each a plain group = C conv. alpha only weighs the error reported.
+    """
+    if int(per_channel) != per_channel or per_channel < 1:
+        raise GdwsError(f"kernels per channel must be a whole number >= 1, got {per_channel}")
+    spectra = _spectra(weight)
+    keep = min(int(per_channel), spectra.rank)
+    channels = np.repeat(np.arange(spectra.in_channels), keep)
+    index = np.tile(np.arange(keep), spectra.in_channels)
+    return _factors(spectra, channels, index, spectra.dropped_energy(keep, alpha))
+
+
+def _factors(
+    spectra: ChannelSpectra, channels: np.ndarray, index: np.ndarray, error: float
+) -> GdwsFactors:
+    """The factors of terms (channels[i], index[i]), channels sorted."""
+    kh, kw = spectra.kernel_shape
+    depthwise = spectra.vt[channels, index].reshape(channels.size, kh, kw)
+    pointwise = (spectra.u[channels, :, index] * spectra.s[channels, index][:, None]).T
     return GdwsFactors(
         channels=channels.astype(np.int64),
         depthwise=depthwise.astype(spectra.dtype),

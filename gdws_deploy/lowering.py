@@ -9,6 +9,9 @@ pad     m = the most kernels any channel keeps; every channel gets m (zero kerne
         pointwise columns), so no Gather is needed. Emitted as m depthwise convs with
         group = C, concatenated: one Conv with a channel multiplier is the same arithmetic
         but leaves onnxruntime's depthwise kernel (measured several times slower here).
+sum     the pad form's slices, each through its own pointwise conv (its slice of the
+        pointwise columns), summed: no Concat, and onnxruntime fuses each Add into the next
+        pointwise conv (its NCHWc Sum input), so time grows linearly with m.
 fold    the input comes from a Conv through per-channel ops only (BatchNormalization,
         activations, pooling), each feeding nothing else: that Conv emits the gathered
         channels itself (its weight rows, bias and the ops' parameters gathered), so the
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
-from typing import List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -34,7 +37,7 @@ from gdws_deploy.gdws import GdwsFactors
 from gdws_deploy.rewrite import Lowering, lower_exact
 
 # Ops that act on each channel alone and whose only non-data inputs are scalar constants.
-_ELEMENTWISE = frozenset(
+ELEMENTWISE = frozenset(
     {
         *("Relu", "LeakyRelu", "Clip", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sigmoid"),
         *("HardSigmoid", "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Gelu"),
@@ -74,6 +77,41 @@ def lower_pad(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -
     _replace_by_pointwise(graph, conv, name, hidden, columns)
 
 
+def lower_sum(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -> None:
+    """Slice j (each channel's j-th kernel, zero where a channel has fewer) through its own
+    depthwise and pointwise convs; the partial outputs are added up."""
+    kernels, columns = padded(factors)
+    slices, channels = len(kernels), factors.in_channels
+    x, out, bias = conv.inputs[0], conv.outputs[0], conv.inputs[2:]
+    hidden = [
+        graph.gdws_depthwise(name, x, conv, slice_kernels, channels, part)
+        for slice_kernels, part in zip(kernels, _slice_names(slices))
+    ]
+    conv.outputs.clear()
+    if slices == 1:
+        graph.gdws_pointwise(name, hidden[0], columns, bias, out)
+        fuse_following_batchnorm(graph, out.inputs[0])
+        return
+    partial = [
+        graph.gdws_pointwise(
+            name,
+            h,
+            columns[:, j * channels : (j + 1) * channels],
+            bias if j == 0 else [],
+            _like_output(out, f"{name}/gdws_pw{part}/output"),
+            part,
+        )
+        for j, (h, part) in enumerate(zip(hidden, _slice_names(slices)))
+    ]
+    total = partial[0]
+    for j, term in enumerate(partial[1:], start=1):
+        last = j == slices - 1
+        added = out if last else _like_output(out, f"{name}/gdws_sum{j}/output")
+        graph.layer(op="Add", name=f"{name}/gdws_sum{j}", inputs=[total, term], outputs=[added])
+        total = added
+    fuse_batchnorm_after(graph, out.inputs[0], [term.inputs[0] for term in partial])
+
+
 def lower_fold(
     graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors, multiple: int = 1
 ) -> None:
@@ -98,6 +136,7 @@ def lower_dense(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors)
 LOWERINGS: Mapping[str, Lowering] = {
     "gather": lower_gather,
     "pad": lower_pad,
+    "sum": lower_sum,
     "fold": lower_fold,
     "dense": lower_dense,
 }
@@ -197,13 +236,19 @@ def gather_channels(chain: List[gs.Node], channels: np.ndarray) -> None:
 
 def fuse_following_batchnorm(graph: gs.Graph, conv: gs.Node) -> bool:
     """Fold a BatchNormalization that alone reads `conv`'s output into its weight and bias.
+    Returns whether it fused."""
+    return _gatherable_conv(conv) and fuse_batchnorm_after(graph, conv, [conv])
 
-    scale = gamma / sqrt(var + eps): W' = W * scale per output row, b' = (b - mean) * scale
-    + beta. Returns whether it fused (constant parameters, inference mode, one output).
+
+def fuse_batchnorm_after(graph: gs.Graph, producer: gs.Node, convs: Sequence[gs.Node]) -> bool:
+    """Fold a BatchNormalization that alone reads `producer`'s output into `convs`, whose
+    outputs sum to it (`producer` itself, or the pointwise convs of the sum form).
+
+    scale = gamma / sqrt(var + eps): each W' = W * scale per output row; the first conv
+    takes b' = (b - mean) * scale + beta, the others b' = b * scale. Returns whether it
+    fused (constant parameters, inference mode, one output).
     """
-    if not _gatherable_conv(conv):
-        return False
-    out = conv.outputs[0]
+    out = producer.outputs[0]
     if len(out.outputs) != 1 or _is_output(graph, out):
         return False
     bn = out.outputs[0]
@@ -218,22 +263,29 @@ def fuse_following_batchnorm(graph: gs.Graph, conv: gs.Node) -> bool:
         return False
     gamma, beta, mean, var = (np.asarray(p.values, np.float64) for p in params)
     scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-    weight = conv.inputs[1].values
-    bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
-    fused_weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
-    fused_bias = (bias - mean) * scale + beta
-    tag = _tag(conv)
-    conv.inputs[1] = gs.Constant(f"{tag}/bn_fused/weight", fused_weight.astype(weight.dtype))
-    bias_tensor = gs.Constant(f"{tag}/bn_fused/bias", fused_bias.astype(weight.dtype))
-    if len(conv.inputs) > 2:
-        conv.inputs[2] = bias_tensor
-    else:
-        conv.inputs.append(bias_tensor)
+    for j, conv in enumerate(convs):
+        weight = conv.inputs[1].values
+        bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
+        fused_weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
+        fused_bias = (bias - mean) * scale + beta if j == 0 else bias * scale
+        tag = _tag(conv)
+        conv.inputs[1] = gs.Constant(f"{tag}/bn_fused/weight", fused_weight.astype(weight.dtype))
+        if j == 0 or len(conv.inputs) > 2:
+            bias_tensor = gs.Constant(f"{tag}/bn_fused/bias", fused_bias.astype(weight.dtype))
+            if len(conv.inputs) > 2:
+                conv.inputs[2] = bias_tensor
+            else:
+                conv.inputs.append(bias_tensor)
     bn_out = bn.outputs[0]
     bn.outputs.clear()
     bn.inputs.clear()
-    conv.outputs[0] = bn_out
+    producer.outputs[0] = bn_out
     return True
+
+
+def _like_output(tensor: gs.Variable, name: str) -> gs.Variable:
+    """A new tensor shaped like the layer's output `tensor`."""
+    return gs.Variable(name, dtype=tensor.dtype, shape=tensor.shape)
 
 
 @gs.Graph.register()
@@ -298,7 +350,7 @@ def _per_channel(node: gs.Node) -> bool:
         return slope.size == 1 or (
             slope.ndim >= 3 and slope.shape[-3] == slope.size and slope.shape[-2:] == (1, 1)
         )
-    return node.op in _ELEMENTWISE and all(p.values.size == 1 for p in params)
+    return node.op in ELEMENTWISE and all(p.values.size == 1 for p in params)
 
 
 def _is_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:

@@ -10,11 +10,13 @@ copies).
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from gdws_deploy.runtime.benchmark import (
     BenchOptions,
     declared_input,
     interleaved_loops,
+    random_input,
     target_for,
 )
 from gdws_deploy.runtime.runner import OrtRunner, Runner
@@ -44,6 +47,9 @@ class Timing:
 
 
 DEFAULT_TIMING = Timing()
+# onnxruntime's profiler: the event of a node's compute, and runs left out before counting.
+_KERNEL_SUFFIX = "_kernel_time"
+_PROFILE_WARMUP = 3
 
 
 class Backend(abc.ABC):
@@ -64,6 +70,11 @@ class Backend(abc.ABC):
         """Median time of one inference of `model` at `input_shape`."""
         return time_models(self, [(model, input_shape)], timing)[0]
 
+    def node_seconds(self, model: bytes, input_shape: Shape, runs: int) -> Dict[str, float]:
+        """Median seconds per inference of each node the backend runs, by its own name
+        for the node (fused and layout nodes included), from its per-node profiler."""
+        raise GdwsError(f"{self.name} has no per-node profiler wired in")
+
 
 class OrtBackend(Backend):
     """onnxruntime on this CPU with `threads` intra-op threads (0: onnxruntime's default)."""
@@ -83,6 +94,27 @@ class OrtBackend(Backend):
     def runner(self, model: bytes, input_shape: Shape) -> Iterator[Runner]:
         with OrtRunner(model, threads=self.threads) as runner:
             yield runner
+
+    def node_seconds(self, model: bytes, input_shape: Shape, runs: int) -> Dict[str, float]:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        with tempfile.TemporaryDirectory(prefix="gdws-profile-") as folder:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(folder) / "profile")
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: random_input(input_shape)}
+            for _ in range(_PROFILE_WARMUP + runs):
+                session.run(None, feed)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        times: Dict[str, List[float]] = collections.defaultdict(list)
+        for event in events:
+            name = event.get("name", "")
+            if event.get("cat") == "Node" and name.endswith(_KERNEL_SUFFIX):
+                times[name[: -len(_KERNEL_SUFFIX)]].append(event["dur"] * 1e-6)
+        return {name: float(np.median(durations[-runs:])) for name, durations in times.items()}
 
 
 class TrtBackend(Backend):

@@ -66,12 +66,14 @@ def gdws_pointwise(
     columns: np.ndarray,
     bias: Sequence[gs.Tensor],
     out: gs.Variable,
+    part: str = "",
 ) -> gs.Variable:
-    """1x1 Conv mixing the depthwise outputs into the original output (and its bias)."""
-    weight = gs.Constant(f"{name}/gdws_pw/weight", columns[:, :, None, None])
+    """1x1 Conv mixing the depthwise outputs into the original output (and its bias);
+    part: as for gdws_depthwise (`{name}/gdws_pw{part}`)."""
+    weight = gs.Constant(f"{name}/gdws_pw{part}/weight", columns[:, :, None, None])
     inputs = [x, weight, *bias]
     attrs = {"kernel_shape": [1, 1]}
-    self.layer(op="Conv", name=f"{name}/gdws_pw", inputs=inputs, outputs=[out], attrs=attrs)
+    self.layer(op="Conv", name=f"{name}/gdws_pw{part}", inputs=inputs, outputs=[out], attrs=attrs)
     return out
 
 

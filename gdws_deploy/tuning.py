@@ -112,13 +112,15 @@ def candidates(factors: GdwsFactors, foldable: bool) -> List[Form]:
     candidate. Otherwise fold would make the producer emit duplicate channels, each as
     costly as a whole producer channel, so it is left out. Equal kernel counts on every
     channel leave gather out: its form is then a channel-multiplier conv computing what
-    pad computes with no padding.
+    pad computes with no padding. Sum is pad with one slice unless a channel has more.
     """
     per_channel = factors.kernels_per_channel()
     g, most = factors.kernels, int(per_channel.max())
     if foldable and most == 1:
         return [Form("dense"), Form("fold", g, 1)]
     forms = [Form("dense"), Form("pad", g, most)]
+    if most > 1:
+        forms.append(Form("sum", g, most))
     if int(per_channel.min()) != most:
         forms.append(Form("gather", g, most))
     return forms

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from gdws_deploy.operating_point import OperatingPoint
 
 DEFAULT_MAC_REDUCTION = 2.0
-LOWERING_CHOICES = ("auto", "gather", "pad", "fold", "dense")
+LOWERING_CHOICES = ("auto", "gather", "pad", "sum", "fold", "dense")
 TUNE_CHOICES = ("ort", "trt")
 ALLOCATION_HELP = "How a MAC target shares kernels across layers: " + "; ".join(
     f"{name}: {text}" for name, text in ALLOCATIONS.items()

@@ -1,0 +1,159 @@
+"""Each layer's seconds in each form, measured inside the whole model.
+
+A layer timed alone mispredicts its time in the network (-50..+150 % measured here: caches,
+layout conversions between neighbours), so every candidate form is timed where it runs:
+the whole model is lowered with every layer in that form, run under the backend's per-node
+profiler, and each profiled node is charged to the layer it came from: by its name, or its
+output's, less the suffixes the backend adds. The per-channel ops and residual Adds that
+follow a layer's conv (and that backends fuse into it) are charged to the layer in every
+form alike. What no layer owns (stem, shortcuts, pooling, head) is the model's fixed time.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence
+
+import onnx
+
+from gdws_deploy.cost_model import model_input_shape
+from gdws_deploy.gdws import ChannelSpectra, uniform
+from gdws_deploy.graph import ConvLayer, TensorType
+from gdws_deploy.lowering import ELEMENTWISE, LOWERINGS, PerLayer
+from gdws_deploy.measure import Backend
+from gdws_deploy.rewrite import rewrite
+from gdws_deploy.tune_cache import TuneCache
+
+# Per inference: profiled runs whose median is kept.
+PROFILE_RUNS = 10
+# Name suffixes of the nodes onnxruntime's layout pass creates (NCHWc convs, BN as conv).
+_BACKEND_SUFFIXES = ("_nchwc", "_bn")
+# Ops that follow a layer's conv and that backends fuse into it.
+_FOLLOWERS = ELEMENTWISE | {"BatchNormalization", "Add"}
+FIXED = "(fixed)"
+# Seconds below this are taken as this: a cache keeps positive times only.
+_FLOOR = 1e-9
+
+
+@dataclass(frozen=True)
+class Form:
+    """Every layer with `per_channel` kernels on each channel, in `lowering` (0: dense)."""
+
+    lowering: str
+    per_channel: int = 0
+
+    def key(self) -> str:
+        return "dense" if self.per_channel == 0 else f"{self.lowering} m={self.per_channel}"
+
+
+class ContextTimer:
+    """Times forms of a model's layers in that model, on one backend at one batch size."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        batch: int,
+        model: onnx.ModelProto,
+        types: Mapping[str, TensorType],
+        layers: Sequence[ConvLayer],
+        spectra: Mapping[str, ChannelSpectra],
+        cache: Optional[TuneCache] = None,
+    ) -> None:
+        self.backend, self.batch = backend, batch
+        self.model, self.types, self.layers, self.spectra = model, types, layers, spectra
+        self.cache = cache if cache is not None else TuneCache()
+        self.digest = hashlib.sha1(model.SerializeToString()).hexdigest()[:16]
+
+    def seconds(self, form: Form) -> Dict[str, float]:
+        """Seconds per inference of every layer (by name) in `form`, and FIXED's; layers
+        whose form would not save MACs stay dense and are left out."""
+        keys = {name: self._key(form, name) for name in [*self._names(form), FIXED]}
+        if any(self.cache.get(key) is None for key in keys.values()):
+            charged = self._profile(form)
+            for name, key in keys.items():
+                self.cache.put(key, max(charged.get(name, 0.0), _FLOOR))
+        return {name: self.cache.get(key) for name, key in keys.items()}
+
+    def lowered(self, form: Form) -> onnx.ModelProto:
+        """The model with every layer that saves MACs in `form`."""
+        if form.per_channel == 0:
+            return self.model
+        chosen = [
+            (layer, uniform(self.spectra[layer.name], form.per_channel))
+            for layer in self.layers
+            if layer.name in self._names(form)
+        ]
+        if not chosen:
+            return self.model
+        lowering = PerLayer({layer.name: form.lowering for layer, _ in chosen}, LOWERINGS)
+        return rewrite(self.model, chosen, self.types, lowering)
+
+    def _names(self, form: Form) -> list:
+        if form.per_channel == 0:
+            return [layer.name for layer in self.layers]
+        return [layer.name for layer in self.layers if saves_macs(layer, form.per_channel)]
+
+    def _key(self, form: Form, name: str) -> str:
+        return (
+            f"{self.backend.name} | batch {self.batch} | model {self.digest} | "
+            f"in context {form.key()} | {name}"
+        )
+
+    def _profile(self, form: Form) -> Dict[str, float]:
+        model = self.lowered(form)
+        shape = model_input_shape(model, self.batch)
+        profiled = self.backend.node_seconds(model.SerializeToString(), shape, PROFILE_RUNS)
+        return charge(profiled, owners(model, [layer.name for layer in self.layers]))
+
+
+def saves_macs(layer: ConvLayer, per_channel: int) -> bool:
+    """Does `per_channel` kernels on every channel cost fewer MACs than the dense conv?"""
+    out_channels, in_channels, kh, kw = layer.weight_shape
+    kept = min(per_channel, kh * kw, out_channels)
+    return kept * in_channels * (kh * kw + out_channels) * layer.pixels < layer.macs
+
+
+def owners(model: onnx.ModelProto, layer_names: Sequence[str]) -> Dict[str, str]:
+    """Layer of each node and tensor name that belongs to one: the layer's Conv or GDWS
+    nodes (named `<conv>/gdws_...`) and their outputs, then the chain of per-channel ops
+    and Adds that alone read what the layer wrote."""
+    layers = set(layer_names)
+    readers = collections.defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    owner: Dict[str, str] = {}
+    ends = []
+    for node in model.graph.node:
+        layer = node.name if node.name in layers else node.name.rsplit("/gdws_", 1)[0]
+        if layer not in layers:
+            continue
+        owner[node.name] = layer
+        owner.update((output, layer) for output in node.output)
+        ends += [(output, layer) for output in node.output]
+    for tensor, layer in ends:
+        while len(readers[tensor]) == 1 and readers[tensor][0].op_type in _FOLLOWERS:
+            follower = readers[tensor][0]
+            if follower.name in owner:
+                break
+            owner[follower.name] = layer
+            tensor = follower.output[0]
+            owner[tensor] = layer
+    return owner
+
+
+def charge(profiled: Mapping[str, float], owner: Mapping[str, str]) -> Dict[str, float]:
+    """Seconds per layer (and FIXED for the rest) from per-node seconds."""
+    charged: Dict[str, float] = collections.defaultdict(float)
+    for name, seconds in profiled.items():
+        charged[owner.get(name) or owner.get(_strip(name), FIXED)] += seconds
+    return dict(charged)
+
+
+def _strip(name: str) -> str:
+    for suffix in _BACKEND_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
