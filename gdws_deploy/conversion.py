@@ -218,7 +218,7 @@ def convert_file(
     Returns the report and whether `output` was written (not when nothing converts).
     The output path is checked before any work; the input is never modified.
     """
-    _target(options.get("beta"), options.get("budget"), options.get("mac_reduction"))
+    _target(*(options.get(name) for name in ("beta", "budget", "mac_reduction", "speedup")))
     check_output_path(output, source)
     loaded = onnx_graph.load_model(source)
     model, report = convert(loaded, **options)

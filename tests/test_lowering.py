@@ -23,7 +23,7 @@ from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import INPUT, OUTPUT, conv_weight, run
 
 CHANNELS = 8
-GDWS_FORMS = ("gather", "pad", "fold")
+GDWS_FORMS = ("gather", "pad", "sum", "fold")
 
 
 def chain_model(

@@ -119,6 +119,14 @@ class _Number(click.ParamType):
     type=click.Path(path_type=Path),
     help="JSON file of measured layer times, read and updated (reused across runs).",
 )
+@click.option(
+    "--speedup",
+    type=_Number(float),
+    metavar="S",
+    help="With --tune: at least S times faster than MODEL on that backend, least error; "
+    "alone or with --mac-reduction. Each layer takes dense or m kernels per channel, "
+    "timed inside the whole model.",
+)
 @allocation_option
 @click.option(
     "--max-robust-drop",
@@ -146,6 +154,7 @@ def convert_command(
     tune_batch: Optional[int],
     tune_threads: Optional[int],
     tune_cache: Optional[Path],
+    speedup: Optional[float],
     allocation: str,
     max_robust_drop: Optional[float],
     dataset: Optional[str],
@@ -162,15 +171,18 @@ def convert_command(
 ) -> None:
     """Rewrite the KxK convolutions of MODEL (ONNX) into GDWS form.
 
-    Give one target: --beta, --budget, --mac-reduction, or --max-robust-drop with
-    --dataset. With --dataset, a MAC target is calibrated on that data (measured loss
-    curves for the default allocation). Prints one row per Conv (its lowering too) and
-    the parity of the result against MODEL in onnxruntime.
+    Give one target: --beta, --budget, --mac-reduction, --speedup (with --tune; may join
+    --mac-reduction), or --max-robust-drop with --dataset. With --dataset, a MAC target
+    is calibrated on that data (measured loss curves for the default allocation). Prints
+    one row per Conv (its lowering too) and the parity of the result against MODEL in
+    onnxruntime.
     """
     from gdws_deploy.measure import backend_named
 
     _check_calibration(max_robust_drop, dataset, beta, budget, mac_reduction)
-    if beta is None and budget is None and mac_reduction is None:
+    if speedup is not None and max_robust_drop is not None:
+        raise GdwsError("--speedup fixes the speed, --max-robust-drop searches MACs: give one")
+    if beta is None and budget is None and mac_reduction is None and speedup is None:
         mac_reduction = DEFAULT_MAC_REDUCTION
     output = output or model.with_name(f"{model.stem}.gdws.onnx")
     if report_path is not None:
@@ -188,6 +200,7 @@ def convert_command(
         tune_batch=tune_batch,
         tune_cache=tune_cache,
         allocation=allocation,
+        speedup=speedup,
     )
     console = Console()
     if not console.is_terminal:  # logs and pipes: keep whole layer names on one line

@@ -1,0 +1,130 @@
+"""`--speedup`: uniform factors, the sum form, layer times measured inside the whole model
+(onnxruntime's real profiler) and the conversion that uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from gdws_deploy import convert
+from gdws_deploy.context_timing import FIXED, ContextTimer, Form, charge, owners
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.gdws import ChannelSpectra, uniform
+from gdws_deploy.graph import check_and_infer, count_macs, find_convs
+from gdws_deploy.measure import OrtBackend
+from tests.cli_run import assert_one_line_error, run_cli
+from tests.conv_models import run
+from tests.test_lowering import chain_model, factored, gap, images, lowered, ops, tuning_model
+
+
+@pytest.mark.parametrize("per_channel", [1, 2, 5, 9, 12])
+def test_uniform_keeps_the_strongest_kernels_of_every_channel(per_channel):
+    weight = np.random.default_rng(0).standard_normal((6, 4, 3, 3))
+    alpha = np.array([1.0, 2.0, 0.5, 3.0])
+    spectra = ChannelSpectra.from_weight(weight)
+    factors = uniform(spectra, per_channel, alpha)
+    kept = min(per_channel, 6)
+    assert (factors.kernels_per_channel() == kept).all()
+    residual = (weight - factors.to_dense()).transpose(1, 0, 2, 3).reshape(4, -1)
+    assert factors.error == pytest.approx(alpha @ (residual**2).sum(1), rel=1e-9, abs=1e-9)
+    assert factors.error == pytest.approx(spectra.dropped_energy(kept, alpha), abs=1e-12)
+    with pytest.raises(GdwsError, match="whole number >= 1"):
+        uniform(spectra, 0)
+
+
+def test_sum_adds_one_pointwise_conv_per_slice_and_folds_the_batchnorm_into_each():
+    model = chain_model("random", seed=2)
+    chosen, types = factored(model, lambda w: uniform(w, 3))
+    summed = lowered(model, chosen, types, "sum")
+    assert "Concat" not in ops(summed) and "Gather" not in ops(summed)
+    # c0 -> BN and c2 -> BN fold into their pointwise convs; the BN after the MaxPool stays
+    assert ops(model).count("BatchNormalization") == 3
+    assert ops(summed).count("BatchNormalization") == 1
+    for layer, _ in chosen:
+        names = [n.name for n in summed.graph.node if n.name.startswith(f"{layer.name}/gdws_pw")]
+        assert sorted(names) == [f"{layer.name}/gdws_pw{j}" for j in range(3)]
+    assert (
+        gap(run(lowered(model, chosen, types, "gather"), images()), run(summed, images())) <= 1e-5
+    )
+
+
+def _timer(model, batch=4):
+    types = check_and_infer(model)
+    layers = [c for c in find_convs(model, types, count_macs(model, types), True) if c.eligible]
+    spectra = {layer.name: ChannelSpectra.from_weight(layer.weight) for layer in layers}
+    return ContextTimer(OrtBackend(1), batch, model, types, layers, spectra), layers
+
+
+def test_every_profiled_gdws_node_is_charged_to_its_layer():
+    model = tuning_model()
+    timer, layers = _timer(model)
+    lowered_model = timer.lowered(Form("sum", 2))
+    owner = owners(lowered_model, [layer.name for layer in layers])
+    for node in lowered_model.graph.node:
+        if "/gdws_" in node.name:
+            assert owner[node.name] == node.name.split("/gdws_")[0]
+    assert owner["big/gdws_pw1"] == "big" and "pooled" in owner  # MaxPool follows big
+    profiled = {"big/gdws_dw0": 1.0, "big/gdws_pw1_nchwc": 2.0, "ReorderInput": 4.0}
+    assert charge(profiled, owner) == {"big": 3.0, FIXED: 4.0}
+
+
+def test_in_context_times_come_from_the_whole_model_and_are_cached():
+    timer, layers = _timer(tuning_model())
+    dense = timer.seconds(Form("dense"))
+    assert set(dense) == {layer.name for layer in layers} | {FIXED}
+    assert all(seconds > 0 for seconds in dense.values())
+    one = timer.seconds(Form("sum", 1))
+    assert one["big"] < dense["big"]  # a 64-channel 32x32 conv at 1 kernel per channel
+    before = dict(timer.cache.seconds)
+    assert timer.seconds(Form("sum", 1)) == one and timer.cache.seconds == before
+
+
+def test_convert_for_a_speedup_gives_every_layer_dense_or_uniform_kernels(tmp_path):
+    model = tuning_model()
+    converted, report = convert(
+        model,
+        speedup=1.5,
+        mac_reduction=1.5,
+        all_layers=True,
+        tune=OrtBackend(1),
+        tune_batch=4,
+        tune_cache=tmp_path / "tune.json",
+    )
+    assert report.target == "mac_reduction=1.5 speedup=1.5"
+    assert report.reduction >= 1.5 and report.measured_speedup is not None
+    for row in report.layers:
+        if row.kernels is None:
+            assert row.lowering == "dense" and row.macs_after == row.macs_before
+        else:
+            assert row.lowering in ("sum", "pad") and row.kernels % row.weight_shape[1] == 0
+    assert report.converted >= 1 and report.parity is not None
+    assert {n.name for n in converted.graph.node} >= {r.name for r in report.layers if r.skipped}
+
+
+def test_a_speedup_without_tuning_is_an_error():
+    with pytest.raises(GdwsError, match="give --tune"):
+        convert(tuning_model(), speedup=2.0)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "tuning.onnx"
+    onnx.save(tuning_model(), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--speedup", "2"], "give --tune (tune=) too"),
+        (["--speedup", "0.5", "--tune", "ort"], "speed-up must be a finite number >= 1"),
+        (["--speedup", "2", "--beta", "0", "--tune", "ort"], "alone or with a MAC reduction"),
+        (["--speedup", "fast", "--tune", "ort"], "--speedup must be a number"),
+        (["--speedup", "2", "--max-robust-drop", "0.01", "--dataset", "digits"], "give one"),
+    ],
+)
+def test_bad_speedup_flags_are_one_line_errors(capsys, model_file, flags, message):
+    result = run_cli(capsys, "convert", model_file, *flags)
+    assert_one_line_error(result, message)
+    assert not model_file.with_name("tuning.gdws.onnx").exists()
