@@ -108,11 +108,16 @@ class ContextTimer:
         return charge(profiled, owners(model, [layer.name for layer in self.layers]))
 
 
-def saves_macs(layer: ConvLayer, per_channel: int) -> bool:
-    """Does `per_channel` kernels on every channel cost fewer MACs than the dense conv?"""
+def uniform_macs(layer: ConvLayer, per_channel: int) -> int:
+    """MACs of `layer` with `per_channel` kernels on every channel (at most its rank)."""
     out_channels, in_channels, kh, kw = layer.weight_shape
     kept = min(per_channel, kh * kw, out_channels)
-    return kept * in_channels * (kh * kw + out_channels) * layer.pixels < layer.macs
+    return kept * in_channels * (kh * kw + out_channels) * layer.pixels
+
+
+def saves_macs(layer: ConvLayer, per_channel: int) -> bool:
+    """Does `per_channel` kernels on every channel cost fewer MACs than the dense conv?"""
+    return uniform_macs(layer, per_channel) < layer.macs
 
 
 def owners(model: onnx.ModelProto, layer_names: Sequence[str]) -> Dict[str, str]:

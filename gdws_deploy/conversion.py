@@ -34,6 +34,7 @@ from gdws_deploy.gdws import (
 if TYPE_CHECKING:
     from gdws_deploy.cost_model import CostModel
     from gdws_deploy.measure import Backend
+    from gdws_deploy.speed_target import SpeedGoal
     from gdws_deploy.tuning import Choice
 
 # At beta = 0 the rewrite is exact up to float rounding: parity beyond this is a failure.
@@ -123,6 +124,7 @@ def convert(
     loss_curves: Optional[Mapping[str, LossCurve]] = None,
     spectra_cache: Optional[SpectraCache] = None,
     speedup: Optional[float] = None,
+    speed_ratio: Optional[float] = None,
 ) -> Tuple[onnx.ModelProto, ConvertReport]:
     """Rewrite the eligible Convs of a model into GDWS form.
 
@@ -138,21 +140,27 @@ def convert(
     "auto": "measured" given `loss_curves` from gdws_deploy.sensitivity, else "relative").
     spectra_cache: reuse SVDs across calls on the same model.
     speedup: at least this many times faster on the tune backend (gdws_deploy.speed_target;
-    needs tune), alone or with `mac_reduction`.
+    needs tune), alone or with `mac_reduction`; speed_ratio: instead, a speed-up at least
+    this times the MAC reduction reached (with `mac_reduction`).
     """
     from gdws_deploy import tuning
 
-    target = _target(beta, budget, mac_reduction, speedup)
+    target = _target(beta, budget, mac_reduction, speedup, speed_ratio)
     model = _load(model_or_path).model
     costs = tuning.cost_model_for(lowering, tune, tune_batch, tune_cache, model)
-    if speedup is not None and costs is None:
-        raise GdwsError("a speed-up target is measured: give --tune (tune=) too")
+    goal = None
+    if speedup is not None or speed_ratio is not None:
+        if costs is None:
+            raise GdwsError("a speed goal is measured: give --tune (tune=) too")
+        from gdws_deploy.speed_target import SpeedGoal
+
+        goal = SpeedGoal(speedup, speed_ratio)
     types = onnx_graph.check_and_infer(model)
     macs = onnx_graph.count_macs(model, types)
     convs = onnx_graph.find_convs(model, types, macs, all_layers, include, exclude)
     eligible = [layer for layer in convs if layer.eligible]
     weights = _alphas(alphas, eligible)
-    aimed = mac_reduction is not None or speedup is not None
+    aimed = mac_reduction is not None or goal is not None
     rule = _rule(allocation, weights, loss_curves) if aimed else None
     cache = spectra_cache if spectra_cache is not None else SpectraCache()
     spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress, cache)))
@@ -167,14 +175,14 @@ def convert(
         curves=loss_curves or {},
     )
     measured = None
-    if speedup is not None:
-        converted, chosen, forms, measured = _for_speedup(
+    if goal is not None:
+        converted, chosen, forms, measured = _for_speed(
             model,
             types,
             eligible,
             spectra,
             costs,
-            speedup,
+            goal,
             mac_reduction,
             macs,
             rule,
@@ -218,7 +226,9 @@ def convert_file(
     Returns the report and whether `output` was written (not when nothing converts).
     The output path is checked before any work; the input is never modified.
     """
-    _target(*(options.get(name) for name in ("beta", "budget", "mac_reduction", "speedup")))
+    _target(
+        *(options.get(n) for n in ("beta", "budget", "mac_reduction", "speedup", "speed_ratio"))
+    )
     check_output_path(output, source)
     loaded = onnx_graph.load_model(source)
     model, report = convert(loaded, **options)
@@ -243,21 +253,32 @@ def _target(
     budget: Optional[int],
     mac_reduction: Optional[float],
     speedup: Optional[float] = None,
+    speed_ratio: Optional[float] = None,
 ) -> str:
-    """Validate that exactly one target is given (a speed-up may join a MAC reduction);
+    """Validate that exactly one target is given (a speed goal may join a MAC reduction);
     describe it for the report."""
     given = {
         name: value
         for name, value in (("beta", beta), ("budget", budget), ("mac_reduction", mac_reduction))
         if value is not None
     }
-    if speedup is not None:
-        if not (np.isfinite(speedup) and speedup >= 1):
-            raise GdwsError(f"speed-up must be a finite number >= 1, got {speedup}")
-        if beta is not None or budget is not None:
-            raise GdwsError("a speed-up target goes alone or with a MAC reduction, not beta/budget")
-        given = {**given, "speedup": speedup}
-    elif len(given) != 1:
+    goals = {
+        name: value
+        for name, value in (("speedup", speedup), ("speed_ratio", speed_ratio))
+        if value is not None
+    }
+    if len(goals) > 1:
+        raise GdwsError("give one speed goal: a speed-up or a speed-up / MAC-reduction ratio")
+    if speedup is not None and not (np.isfinite(speedup) and speedup >= 1):
+        raise GdwsError(f"speed-up must be a finite number >= 1, got {speedup}")
+    if speed_ratio is not None:
+        if not (np.isfinite(speed_ratio) and speed_ratio > 0):
+            raise GdwsError(f"speed ratio must be a finite number > 0, got {speed_ratio}")
+        if mac_reduction is None:
+            raise GdwsError("a speed ratio is a share of the MAC reduction: give one too")
+    if goals and (beta is not None or budget is not None):
+        raise GdwsError("a speed goal goes alone or with a MAC reduction, not beta/budget")
+    if not goals and len(given) != 1:
         named = ", ".join(given) or "none"
         raise GdwsError(f"give exactly one of beta, budget, mac_reduction (got {named})")
     if beta is not None and not (np.isfinite(beta) and beta >= 0):
@@ -266,7 +287,7 @@ def _target(
         raise GdwsError(f"budget must be a whole number of kernels >= 1, got {budget}")
     if mac_reduction is not None and not (np.isfinite(mac_reduction) and mac_reduction >= 1):
         raise GdwsError(f"MAC reduction must be a finite number >= 1, got {mac_reduction}")
-    return " ".join(f"{name}={value:g}" for name, value in given.items())
+    return " ".join(f"{name}={value:g}" for name, value in {**given, **goals}.items())
 
 
 def _alphas(source: AlphaSource, layers: Sequence[onnx_graph.ConvLayer]) -> Dict[str, np.ndarray]:
@@ -356,13 +377,13 @@ def _plan(
     }
 
 
-def _for_speedup(
+def _for_speed(
     model: onnx.ModelProto,
     types: Mapping[str, onnx_graph.TensorType],
     layers: Sequence[onnx_graph.ConvLayer],
     spectra: Mapping[str, ChannelSpectra],
     costs: CostModel,
-    speedup: float,
+    goal: SpeedGoal,
     mac_reduction: Optional[float],
     macs: Mapping[str, int],
     rule: str,
@@ -370,17 +391,17 @@ def _for_speedup(
     curves: Mapping[str, LossCurve],
 ) -> Tuple[onnx.ModelProto, list, Dict[str, Choice], float]:
     """speed_target's plan for these layers: model, (layer, factors), forms, measured."""
-    from gdws_deploy.speed_target import convert_for_speedup
+    from gdws_deploy.speed_target import convert_for_speed
 
     total = sum(macs.values())
     names = [layer.name for layer in layers]
-    plan = convert_for_speedup(
+    plan = convert_for_speed(
         model,
         types,
         layers,
         spectra,
         costs,
-        speedup=speedup,
+        goal,
         mac_budget=None if mac_reduction is None else total / mac_reduction,
         fixed_macs=total - sum(layer.macs for layer in layers),
         rule=rule,

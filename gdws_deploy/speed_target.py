@@ -1,14 +1,15 @@
-"""Convert for a speed target: `--speedup S`, with or without a MAC-reduction target.
+"""Convert for a speed goal: `--speedup S` (with or without a MAC-reduction target), or
+`--speed-ratio E` with one (a speed-up at least E times the MAC reduction reached).
 
 A MAC allocation spends MACs, not time: on a CPU at batch 32 a depthwise conv is memory
 bound, so a layer's GDWS form with several kernels per channel can take longer than its
 dense conv while one kernel per channel is 4-8x faster (README, issue 6). Here each layer
 offers dense or m kernels on every channel (gdws.uniform: no Gather, no zero kernels), in
 the faster of the pad and sum forms, each timed inside the whole model (context_timing).
-time_allocation picks one per layer for the least error within the time budget (the
-original's time / S) and the MAC budget. The converted model is then timed against the
-original; where it falls short of S (in-context times add up only roughly), the time
-budget is tightened by the shortfall and the choice made again, up to REFINEMENTS times.
+time_allocation picks one per layer for the least error within the speed goal and the MAC
+budget. The converted model is then timed against the original; where it falls short of
+the goal (in-context times add up only roughly), the goal is tightened by the shortfall
+and the choice made again, up to REFINEMENTS times.
 """
 
 from __future__ import annotations
@@ -19,11 +20,18 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from gdws_deploy.context_timing import FIXED, ContextTimer, Form, saves_macs
+from gdws_deploy.context_timing import FIXED, ContextTimer, Form, saves_macs, uniform_macs
 from gdws_deploy.cost_model import CostModel
-from gdws_deploy.gdws import USES_ALPHAS, ChannelSpectra, GdwsFactors, LossCurve, uniform
+from gdws_deploy.gdws import (
+    USES_ALPHAS,
+    ChannelSpectra,
+    GdwsFactors,
+    LossCurve,
+    UnreachableTargetError,
+    uniform,
+)
 from gdws_deploy.graph import ConvLayer, TensorType
-from gdws_deploy.time_allocation import Budget, Option, choose_options
+from gdws_deploy.time_allocation import Budget, Option, SlowerThanBudgetError, choose_options
 from gdws_deploy.tuning import Choice, never_slower
 
 # Kernels per channel offered to every layer (a 3x3 kernel has at most 9).
@@ -34,9 +42,36 @@ REFINEMENTS = 2
 
 
 @dataclass(frozen=True)
+class SpeedGoal:
+    """At least `speedup` times faster, or a speed-up at least `ratio` times the MAC
+    reduction (one of the two), on the tune backend."""
+
+    speedup: Optional[float] = None
+    ratio: Optional[float] = None
+
+    def wanted(self, reduction: float) -> float:
+        """The speed-up this goal asks of a conversion with this MAC reduction."""
+        return self.speedup if self.speedup is not None else self.ratio * reduction
+
+    def describe(self) -> str:
+        if self.speedup is not None:
+            return f"{self.speedup:g}x faster"
+        return f"a speed-up {self.ratio:g}x its MAC reduction"
+
+    def budget(
+        self, tightened: float, mac_budget: Optional[float], original: Tuple[float, float]
+    ) -> Budget:
+        """The solver's budget with the goal asked `tightened` times over."""
+        macs, seconds = original
+        if self.speedup is not None:
+            return Budget(macs=mac_budget, seconds=seconds / (self.speedup * tightened))
+        return Budget(mac_budget, None, self.ratio * tightened, macs, seconds)
+
+
+@dataclass(frozen=True)
 class SpeedPlan:
-    """What convert_for_speedup chose: the model, its factors and forms, the measured
-    whole-model speed-up and what the in-context times predicted."""
+    """What convert_for_speed chose: the model, its factors and forms, the measured
+    whole-model speed-up and the one the in-context times predicted."""
 
     model: onnx.ModelProto
     chosen: List[Tuple[ConvLayer, GdwsFactors]]
@@ -45,40 +80,63 @@ class SpeedPlan:
     predicted: float
 
 
-def convert_for_speedup(
+def convert_for_speed(
     model: onnx.ModelProto,
     types: Mapping[str, TensorType],
     layers: Sequence[ConvLayer],
     spectra: Mapping[str, ChannelSpectra],
     costs: CostModel,
+    goal: SpeedGoal,
     *,
-    speedup: float,
     mac_budget: Optional[float],
     fixed_macs: float,
     rule: str,
     alphas: Mapping[str, np.ndarray],
     curves: Mapping[str, LossCurve],
 ) -> SpeedPlan:
-    """The least-error conversion at least `speedup` times faster on `costs`' backend (as
-    near as REFINEMENTS allow), within `mac_budget` MACs when given."""
+    """The least-error conversion meeting `goal` on `costs`' backend (as near as
+    REFINEMENTS allow), within `mac_budget` MACs when given."""
     timer = ContextTimer(costs.backend, costs.batch, model, types, layers, spectra, costs.cache)
     dense = timer.seconds(Form("dense"))
-    original = dense[FIXED] + sum(dense[layer.name] for layer in layers)
+    original_seconds = dense[FIXED] + sum(dense[layer.name] for layer in layers)
+    original = (fixed_macs + sum(layer.macs for layer in layers), original_seconds)
     options = [
         layer_options(layer, spectra[layer.name], timer, dense[layer.name], rule, alphas, curves)
         for layer in layers
     ]
-    target, plan = speedup, None
+    tightened, plan = 1.0, None
     for _ in range(REFINEMENTS + 1):
-        budget = Budget(seconds=original / target, macs=mac_budget)
-        picks = choose_options(options, fixed_macs, dense[FIXED], budget)
-        predicted = original / (dense[FIXED] + sum(pick.seconds for pick in picks))
+        budget = goal.budget(tightened, mac_budget, original)
+        try:
+            picks = choose_options(options, fixed_macs, dense[FIXED], budget)
+        except SlowerThanBudgetError as error:
+            if plan is not None:  # a tightened goal: keep the last plan
+                break
+            speedup, reduction = _predicted(error.fastest, fixed_macs, dense[FIXED], original)
+            raise UnreachableTargetError(
+                f"cannot reach {goal.describe()} on {costs.describe()}"
+                + (" within the MAC budget" if mac_budget is not None else "")
+                + f": the fastest choice is {speedup:.2f}x faster at {reduction:.2f}x fewer "
+                "MACs by the layer times measured"
+            ) from error
+        predicted, reduction = _predicted(picks, fixed_macs, dense[FIXED], original)
         lowered = _lower(model, types, layers, spectra, costs, picks, dense, alphas, rule)
         plan = SpeedPlan(*lowered, predicted=predicted)
-        if plan.measured >= speedup:
+        wanted = goal.wanted(reduction)
+        if plan.measured >= wanted:
             break
-        target *= speedup / plan.measured
+        tightened *= wanted / plan.measured
     return plan
+
+
+def _predicted(
+    picks: Sequence[Option], fixed_macs: float, fixed_seconds: float, original: Tuple[float, float]
+) -> Tuple[float, float]:
+    """Speed-up and MAC reduction of `picks` by their in-context times and MACs."""
+    macs, seconds = original
+    after_seconds = fixed_seconds + sum(pick.seconds for pick in picks)
+    after_macs = fixed_macs + sum(pick.macs for pick in picks)
+    return seconds / after_seconds, macs / after_macs
 
 
 def layer_options(
@@ -92,16 +150,14 @@ def layer_options(
 ) -> List[Option]:
     """Dense and each m of PER_CHANNEL that saves MACs, in its fastest measured form."""
     options = [Option(0, "dense", 0.0, float(layer.macs), dense_seconds)]
-    out_channels, in_channels, kh, kw = layer.weight_shape
     for m in PER_CHANNEL:
         if m > spectra.rank or not saves_macs(layer, m):
             continue
         forms = MULTI_SLICE_FORMS if m > 1 else MULTI_SLICE_FORMS[:1]
         seconds = {form: timer.seconds(Form(form, m))[layer.name] for form in forms}
         fastest = min(seconds, key=seconds.get)
-        macs = float(m * in_channels * (kh * kw + out_channels) * layer.pixels)
         error = option_error(rule, spectra, m, alphas.get(layer.name), curves.get(layer.name))
-        options.append(Option(m, fastest, error, macs, seconds[fastest]))
+        options.append(Option(m, fastest, error, float(uniform_macs(layer, m)), seconds[fastest]))
     return options
 
 

@@ -102,9 +102,25 @@ def test_convert_for_a_speedup_gives_every_layer_dense_or_uniform_kernels(tmp_pa
     assert {n.name for n in converted.graph.node} >= {r.name for r in report.layers if r.skipped}
 
 
-def test_a_speedup_without_tuning_is_an_error():
+def test_convert_for_a_speed_ratio_reports_what_it_measured(tmp_path):
+    _, report = convert(
+        tuning_model(),
+        speed_ratio=0.5,
+        mac_reduction=1.5,
+        all_layers=True,
+        tune=OrtBackend(1),
+        tune_batch=4,
+        tune_cache=tmp_path / "tune.json",
+    )
+    assert report.target == "mac_reduction=1.5 speed_ratio=0.5"
+    assert report.reduction >= 1.5 and report.measured_speedup > 0
+
+
+def test_a_speed_goal_needs_tuning_and_a_ratio_needs_a_mac_target():
     with pytest.raises(GdwsError, match="give --tune"):
         convert(tuning_model(), speedup=2.0)
+    with pytest.raises(GdwsError, match="share of the MAC reduction: give one too"):
+        convert(tuning_model(), speed_ratio=0.8, tune=OrtBackend(1))
 
 
 @pytest.fixture
@@ -122,6 +138,11 @@ def model_file(tmp_path):
         (["--speedup", "2", "--beta", "0", "--tune", "ort"], "alone or with a MAC reduction"),
         (["--speedup", "fast", "--tune", "ort"], "--speedup must be a number"),
         (["--speedup", "2", "--max-robust-drop", "0.01", "--dataset", "digits"], "give one"),
+        (["--speed-ratio", "0", "--mac-reduction", "2", "--tune", "ort"], "must be a finite"),
+        (
+            ["--speedup", "2", "--speed-ratio", "0.8", "--mac-reduction", "2", "--tune", "ort"],
+            "give one speed goal",
+        ),
     ],
 )
 def test_bad_speedup_flags_are_one_line_errors(capsys, model_file, flags, message):

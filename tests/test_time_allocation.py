@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import UnreachableTargetError
-from gdws_deploy.time_allocation import MAC_STEPS, Budget, Option, choose_options
+from gdws_deploy.time_allocation import (
+    MAC_STEPS,
+    Budget,
+    Option,
+    SlowerThanBudgetError,
+    choose_options,
+)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 FIXED_MACS, FIXED_SECONDS = 10.0, 0.5
@@ -93,6 +99,45 @@ def test_a_time_budget_is_met_whenever_any_combination_meets_it(seed, layers, sh
     assert sum(o.error for o in chosen) <= worst + 1e-12
 
 
+@PROPERTY
+@given(
+    seed=st.integers(0, 10_000),
+    layers=st.integers(1, 4),
+    share=st.floats(0.2, 0.9),
+    ratio=st.floats(0.5, 1.2),
+)
+def test_a_ratio_goal_makes_the_speed_up_follow_the_mac_reduction(seed, layers, share, ratio):
+    options = random_options(seed, layers)
+    original_macs = FIXED_MACS + sum(layer[0].macs for layer in options)
+    original_seconds = FIXED_SECONDS + sum(layer[0].seconds for layer in options)
+    budget = Budget(original_macs * share, None, ratio, original_macs, original_seconds)
+
+    def speed_and_reduction(choice):
+        seconds = FIXED_SECONDS + sum(o.seconds for o in choice)
+        return original_seconds / seconds, original_macs / (
+            FIXED_MACS + sum(o.macs for o in choice)
+        )
+
+    meeting = [
+        choice
+        for _, choice in combinations(options, Budget(original_macs * share, 1e9))
+        if (lambda s, r: s >= ratio * r)(*speed_and_reduction(choice))
+    ]
+    if not meeting:
+        with pytest.raises(UnreachableTargetError):
+            choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
+        return
+    speedup, reduction = speed_and_reduction(
+        choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
+    )
+    assert speedup >= ratio * reduction * (1 - 1e-12) and reduction >= 1 / share * (1 - 1e-12)
+
+
+def test_a_speed_goal_is_a_time_budget_or_a_ratio_not_both():
+    with pytest.raises(GdwsError, match="a time budget or a speed-up"):
+        choose_options([[Option(0, "dense", 0.0, 1.0, 1.0)]], 0.0, 0.0, Budget(seconds=1, ratio=1))
+
+
 def test_a_time_budget_alone_buys_the_cheapest_error_per_second():
     fast_but_lossy = Option(1, "sum", 1.0, 10.0, 1.0)
     slow_but_exact = Option(0, "dense", 0.0, 90.0, 3.0)
@@ -101,8 +146,9 @@ def test_a_time_budget_alone_buys_the_cheapest_error_per_second():
     chosen = choose_options(options, 0.0, 0.0, Budget(seconds=3.0))
     assert chosen == [mild, mild]  # 3.0 s: both mild (0.2) beats dense + lossy (1.0)
     assert choose_options(options, 0.0, 0.0, Budget(seconds=6.0)) == [slow_but_exact] * 2
-    with pytest.raises(UnreachableTargetError, match=r"more than the 1\.5 s allowed"):
+    with pytest.raises(SlowerThanBudgetError) as missed:
         choose_options(options, 0.0, 0.0, Budget(seconds=1.5))
+    assert missed.value.fastest == [fast_but_lossy] * 2
 
 
 def test_a_layer_without_options_is_an_error():
