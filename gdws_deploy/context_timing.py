@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import re
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import onnx
 
@@ -150,11 +151,20 @@ def owners(model: onnx.ModelProto, layer_names: Sequence[str]) -> Dict[str, str]
 
 
 def charge(profiled: Mapping[str, float], owner: Mapping[str, str]) -> Dict[str, float]:
-    """Seconds per layer (and FIXED for the rest) from per-node seconds."""
+    """Seconds per layer (and FIXED for the rest) from per-node seconds. A fused node of
+    several ONNX nodes (TensorRT's 'a + b' and 'PWN(a, b)') shares its time among them."""
     charged: Dict[str, float] = collections.defaultdict(float)
     for name, seconds in profiled.items():
-        charged[owner.get(name) or owner.get(_strip(name), FIXED)] += seconds
+        parts = [name] if name in owner else _fused_parts(name)
+        for part in parts:
+            charged[owner.get(part) or owner.get(_strip(part), FIXED)] += seconds / len(parts)
     return dict(charged)
+
+
+def _fused_parts(name: str) -> List[str]:
+    """The ONNX node names in a backend's name for a fused node ('a + PWN(b, c)': a, b, c)."""
+    parts = [part for part in re.split(r"\s\+\s|PWN\(|[(), ]+", name) if part]
+    return parts or [name]
 
 
 def _strip(name: str) -> str:

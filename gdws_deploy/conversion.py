@@ -161,7 +161,7 @@ def convert(
     eligible = [layer for layer in convs if layer.eligible]
     weights = _alphas(alphas, eligible)
     aimed = mac_reduction is not None or goal is not None
-    rule = _rule(allocation, weights, loss_curves) if aimed else None
+    rule = _rule(allocation, weights, loss_curves, goal is not None) if aimed else None
     cache = spectra_cache if spectra_cache is not None else SpectraCache()
     spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress, cache)))
     plan = functools.partial(
@@ -321,10 +321,13 @@ def _read_npz(path: Union[str, Path]) -> Dict[str, np.ndarray]:
 
 
 def _rule(
-    allocation: str, alphas: Mapping[str, np.ndarray], curves: Optional[Mapping[str, LossCurve]]
+    allocation: str,
+    alphas: Mapping[str, np.ndarray],
+    curves: Optional[Mapping[str, LossCurve]],
+    speed_goal: bool,
 ) -> str:
     """The allocation rule a MAC-reduction target runs; alphas it would ignore are an error."""
-    rule = resolve_allocation(allocation, curves is not None)
+    rule = resolve_allocation(allocation, curves is not None, speed_goal)
     if alphas and rule not in USES_ALPHAS:
         raise GdwsError(
             f"allocation {rule!r} does not use alphas; give allocation "

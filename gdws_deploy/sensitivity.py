@@ -23,12 +23,14 @@ from gdws_deploy import graph as onnx_graph
 from gdws_deploy.attacks import with_normalization, worst_case
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import (
+    UNIFORM_PER_CHANNEL,
     USES_ALPHAS,
     ChannelSpectra,
     LossCurve,
     SpectraCache,
     mego,
     resolve_allocation,
+    uniform,
 )
 from gdws_deploy.mirror import OnnxMirror
 from gdws_deploy.robustness import RobustnessCheck
@@ -51,11 +53,14 @@ def measure_loss_curves(
     all_layers: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    per_channel: bool = False,
 ) -> Dict[str, LossCurve]:
     """A LossCurve per Conv that convert() with the same layer selection would rewrite.
 
     Counts above the point where the GDWS form would cost as many MACs as the dense conv
     are not measured: no allocation buys them. `spectra` is filled and reused.
+    per_channel: the curves of a speed goal's options instead: at counts m*C, m of
+    gdws.UNIFORM_PER_CHANNEL, the layer cut to m kernels on every channel (gdws.uniform).
     """
     loaded = model if isinstance(model, onnx_graph.LoadedModel) else onnx_graph.load_model(model)
     types = onnx_graph.check_and_infer(loaded.model)
@@ -76,13 +81,14 @@ def measure_loss_curves(
     for done, layer in enumerate(layers, start=1):
         weight = mirror.tensor(loaded.model.graph.node[layer.index].input[1])
         layer_spectra = spectra.get(layer.name, layer.weight)
-        counts = _counts(layer, layer_spectra, grid)
+        counts = _counts(layer, layer_spectra, UNIFORM_PER_CHANNEL if per_channel else grid)
         losses = []
         original = weight.detach().clone()
         try:
             for count in counts:
+                cut = _cut_weight(layer_spectra, int(count), original, per_channel)
                 with torch.no_grad():
-                    weight.copy_(_cut_weight(layer_spectra, int(count), original))
+                    weight.copy_(cut)
                 losses.append(_loss(target, x, y, check.batch_size) - baseline)
         finally:
             with torch.no_grad():
@@ -101,22 +107,26 @@ def calibration_options(
     alphas: Union[str, Path, Mapping[str, np.ndarray], None] = None,
     spectra: Optional[SpectraCache] = None,
     selection: Optional[Mapping[str, Any]] = None,
+    per_channel: bool = False,
 ) -> Dict[str, Any]:
     """The convert() options of a calibrated conversion, measured once on `check` and
     reused for every target: loss curves for the measured rule (what "auto" becomes with
     data), alphas for the alpha and lego rules and for LEGO betas (the paper's way;
     computed with the check's first attack unless given), and one SpectraCache (`spectra`
     when given). selection: the convert() options among SELECTION, so that only the
-    layers convert will rewrite are measured.
+    layers convert will rewrite are measured. per_channel: for a speed goal (see
+    measure_loss_curves).
     """
     from gdws_deploy.alphas import compute_alphas
 
     cache = spectra if spectra is not None else SpectraCache()
     options: Dict[str, Any] = {"allocation": allocation, "spectra_cache": cache}
-    rule = resolve_allocation(allocation, has_curves=True)
+    rule = resolve_allocation(allocation, has_curves=True, speed_goal=per_channel)
     if not by_beta and rule == "measured":
         chosen = {key: value for key, value in (selection or {}).items() if key in SELECTION}
-        options["loss_curves"] = measure_loss_curves(model, check, cache, **chosen)
+        options["loss_curves"] = measure_loss_curves(
+            model, check, cache, per_channel=per_channel, **chosen
+        )
     if alphas is None and (by_beta or rule in USES_ALPHAS):
         alphas = compute_alphas(
             model,
@@ -169,9 +179,16 @@ def _counts(layer: onnx_graph.ConvLayer, spectra: ChannelSpectra, grid: Sequence
     return np.unique(np.concatenate(([0], counts[useful])))
 
 
-def _cut_weight(spectra: ChannelSpectra, count: int, like: torch.Tensor) -> torch.Tensor:
-    """The dense weight of the layer's GDWS form with `count` kernels (0: all zero)."""
+def _cut_weight(
+    spectra: ChannelSpectra, count: int, like: torch.Tensor, per_channel: bool
+) -> torch.Tensor:
+    """The dense weight of the layer's GDWS form with `count` kernels (0: all zero), the
+    same number on every channel when `per_channel`."""
     if count == 0:
         return torch.zeros_like(like)
-    dense = mego(spectra, count).to_dense()
+    if per_channel:
+        factors = uniform(spectra, count // spectra.in_channels)
+    else:
+        factors = mego(spectra, count)
+    dense = factors.to_dense()
     return torch.from_numpy(dense).to(dtype=like.dtype, device=like.device)

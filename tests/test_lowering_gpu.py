@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from gdws_deploy import context_timing
 from gdws_deploy.cost_model import CostModel, Form, LayerShape
-from gdws_deploy.graph import check_and_infer
+from gdws_deploy.gdws import ChannelSpectra
+from gdws_deploy.graph import check_and_infer, count_macs, find_convs
 from gdws_deploy.measure import TrtBackend
 from tests.conv_models import ConvSpec, conv_chain
+from tests.test_lowering import tuning_model
 from tests.test_runtime_gpu import gpu  # noqa: F401 (the module's skip-unless-GPU fixture)
 
 pytestmark = pytest.mark.gpu
@@ -21,3 +24,14 @@ def test_tensorrt_backend_times_every_form_of_a_layer():
     for form in (Form("dense"), Form("gather", 24, 2), Form("pad", 24, 2), Form("fold", 8, 1)):
         assert costs.seconds(shape, form) > 0
     assert costs.describe().startswith("tensorrt-")
+
+
+def test_tensorrt_layer_profiler_charges_time_to_the_layers_in_context():
+    model = tuning_model()
+    types = check_and_infer(model)
+    layers = [c for c in find_convs(model, types, count_macs(model, types), True) if c.eligible]
+    spectra = {layer.name: ChannelSpectra.from_weight(layer.weight) for layer in layers}
+    timer = context_timing.ContextTimer(TrtBackend(), 4, model, types, layers, spectra)
+    dense = timer.seconds(context_timing.Form("dense"))
+    one = timer.seconds(context_timing.Form("sum", 1))
+    assert dense["big"] > 0 and one["big"] > 0 and context_timing.FIXED in dense

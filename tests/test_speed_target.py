@@ -3,19 +3,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 
 from gdws_deploy import convert
-from gdws_deploy.context_timing import FIXED, ContextTimer, Form, charge, owners
+from gdws_deploy.attacks import make_attacks
+from gdws_deploy.context_timing import FIXED, ContextTimer, Form, charge, owners, saves_macs
+from gdws_deploy.data import load_dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import ChannelSpectra, uniform
+from gdws_deploy.gdws import UNIFORM_PER_CHANNEL, ChannelSpectra, resolve_allocation, uniform
 from gdws_deploy.graph import check_and_infer, count_macs, find_convs
 from gdws_deploy.measure import OrtBackend
+from gdws_deploy.robustness import RobustnessCheck
+from gdws_deploy.sensitivity import measure_loss_curves
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import run
 from tests.test_lowering import chain_model, factored, gap, images, lowered, ops, tuning_model
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "robust_photos.onnx"
 
 
 @pytest.mark.parametrize("per_channel", [1, 2, 5, 9, 12])
@@ -67,6 +75,9 @@ def test_every_profiled_gdws_node_is_charged_to_its_layer():
     assert owner["big/gdws_pw1"] == "big" and "pooled" in owner  # MaxPool follows big
     profiled = {"big/gdws_dw0": 1.0, "big/gdws_pw1_nchwc": 2.0, "ReorderInput": 4.0}
     assert charge(profiled, owner) == {"big": 3.0, FIXED: 4.0}
+    # TensorRT's names of fused layers: the time is shared among the ONNX nodes in it
+    fused = {"big/gdws_dw0 + big/gdws_pw0": 2.0, "PWN(big/gdws_pw1, unknown)": 1.0}
+    assert charge(fused, owner) == {"big": 2.5, FIXED: 0.5}
 
 
 def test_in_context_times_come_from_the_whole_model_and_are_cached():
@@ -82,15 +93,7 @@ def test_in_context_times_come_from_the_whole_model_and_are_cached():
 
 def test_convert_for_a_speedup_gives_every_layer_dense_or_uniform_kernels(tmp_path):
     model = tuning_model()
-    converted, report = convert(
-        model,
-        speedup=1.5,
-        mac_reduction=1.5,
-        all_layers=True,
-        tune=OrtBackend(1),
-        tune_batch=4,
-        tune_cache=tmp_path / "tune.json",
-    )
+    converted, report = converted_for(model, tmp_path, speedup=1.5)
     assert report.target == "mac_reduction=1.5 speedup=1.5"
     assert report.reduction >= 1.5 and report.measured_speedup is not None
     for row in report.layers:
@@ -102,16 +105,21 @@ def test_convert_for_a_speedup_gives_every_layer_dense_or_uniform_kernels(tmp_pa
     assert {n.name for n in converted.graph.node} >= {r.name for r in report.layers if r.skipped}
 
 
-def test_convert_for_a_speed_ratio_reports_what_it_measured(tmp_path):
-    _, report = convert(
-        tuning_model(),
-        speed_ratio=0.5,
+def converted_for(model, tmp_path, **goal):
+    """`model` converted at 1.5x fewer MACs with a speed goal, tuned at batch 4."""
+    return convert(
+        model,
         mac_reduction=1.5,
         all_layers=True,
         tune=OrtBackend(1),
         tune_batch=4,
         tune_cache=tmp_path / "tune.json",
+        **goal,
     )
+
+
+def test_convert_for_a_speed_ratio_reports_what_it_measured(tmp_path):
+    _, report = converted_for(tuning_model(), tmp_path, speed_ratio=0.5)
     assert report.target == "mac_reduction=1.5 speed_ratio=0.5"
     assert report.reduction >= 1.5 and report.measured_speedup > 0
 
@@ -149,3 +157,19 @@ def test_bad_speedup_flags_are_one_line_errors(capsys, model_file, flags, messag
     result = run_cli(capsys, "convert", model_file, *flags)
     assert_one_line_error(result, message)
     assert not model_file.with_name("tuning.gdws.onnx").exists()
+
+
+def test_measured_curves_of_a_speed_goal_cut_every_channel_alike():
+    attacks = tuple(make_attacks("pgd-linf", {"linf": 4 / 255}, steps=2))
+    check = RobustnessCheck(load_dataset("photos", limit=64), attacks)
+    curves = measure_loss_curves(BUNDLED, check, per_channel=True)
+    model = onnx.load(str(BUNDLED))
+    types = check_and_infer(model)
+    layers = [c for c in find_convs(model, types, count_macs(model, types)) if c.eligible]
+    for layer in layers:
+        channels = layer.weight_shape[1]
+        offered = [m * channels for m in UNIFORM_PER_CHANNEL if saves_macs(layer, m)]
+        curve = curves[layer.name]
+        assert list(curve.counts) == [0, *offered]
+        assert curve.losses[0] > curve.losses[-1]  # the layer zeroed costs most
+    assert resolve_allocation("auto", has_curves=True, speed_goal=True) == "relative"

@@ -46,6 +46,21 @@ def random_options(seed: int, layers: int):
     return options
 
 
+def original_costs(options):
+    """MACs and seconds of the all-dense choice, the fixed part included."""
+    macs = FIXED_MACS + sum(layer[0].macs for layer in options)
+    return macs, FIXED_SECONDS + sum(layer[0].seconds for layer in options)
+
+
+def solved_if_feasible(options, budget: Budget, feasible: list):
+    """choose_options' answer, or None after checking it refuses when nothing is feasible."""
+    if not feasible:
+        with pytest.raises(UnreachableTargetError):
+            choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
+        return None
+    return choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
+
+
 def combinations(options, budget: Budget):
     """(error, choice) of every combination within the budget, MACs rounded up to the
     solver's steps as it does."""
@@ -62,14 +77,11 @@ def combinations(options, budget: Budget):
 @given(seed=st.integers(0, 10_000), layers=st.integers(1, 4), share=st.floats(0.3, 1.0))
 def test_without_a_binding_time_budget_the_choice_is_the_least_error_one(seed, layers, share):
     options = random_options(seed, layers)
-    dense_macs = FIXED_MACS + sum(layer[0].macs for layer in options)
-    budget = Budget(seconds=1e9, macs=dense_macs * share)
+    budget = Budget(seconds=1e9, macs=original_costs(options)[0] * share)
     feasible = list(combinations(options, budget))
-    if not feasible:
-        with pytest.raises(UnreachableTargetError):
-            choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
+    chosen = solved_if_feasible(options, budget, feasible)
+    if chosen is None:
         return
-    chosen = choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
     best = min(error for error, _ in feasible)
     assert sum(o.error for o in chosen) == pytest.approx(best, abs=1e-12)
 
@@ -83,15 +95,12 @@ def test_without_a_binding_time_budget_the_choice_is_the_least_error_one(seed, l
 )
 def test_a_time_budget_is_met_whenever_any_combination_meets_it(seed, layers, share, speed):
     options = random_options(seed, layers)
-    dense_macs = FIXED_MACS + sum(layer[0].macs for layer in options)
-    dense_seconds = FIXED_SECONDS + sum(layer[0].seconds for layer in options)
+    dense_macs, dense_seconds = original_costs(options)
     budget = Budget(seconds=dense_seconds / speed, macs=dense_macs * share)
     feasible = list(combinations(options, budget))
-    if not feasible:
-        with pytest.raises(UnreachableTargetError):
-            choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
+    chosen = solved_if_feasible(options, budget, feasible)
+    if chosen is None:
         return
-    chosen = choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
     assert all(o in layer for layer, o in zip(options, chosen))
     assert FIXED_SECONDS + sum(o.seconds for o in chosen) <= budget.seconds
     assert FIXED_MACS + sum(o.macs for o in chosen) <= budget.macs
@@ -108,8 +117,7 @@ def test_a_time_budget_is_met_whenever_any_combination_meets_it(seed, layers, sh
 )
 def test_a_ratio_goal_makes_the_speed_up_follow_the_mac_reduction(seed, layers, share, ratio):
     options = random_options(seed, layers)
-    original_macs = FIXED_MACS + sum(layer[0].macs for layer in options)
-    original_seconds = FIXED_SECONDS + sum(layer[0].seconds for layer in options)
+    original_macs, original_seconds = original_costs(options)
     budget = Budget(original_macs * share, None, ratio, original_macs, original_seconds)
 
     def speed_and_reduction(choice):
@@ -118,18 +126,16 @@ def test_a_ratio_goal_makes_the_speed_up_follow_the_mac_reduction(seed, layers, 
             FIXED_MACS + sum(o.macs for o in choice)
         )
 
+    within_macs = combinations(options, Budget(original_macs * share, 1e9))
     meeting = [
         choice
-        for _, choice in combinations(options, Budget(original_macs * share, 1e9))
-        if (lambda s, r: s >= ratio * r)(*speed_and_reduction(choice))
+        for _, choice in within_macs
+        if speed_and_reduction(choice)[0] >= ratio * speed_and_reduction(choice)[1]
     ]
-    if not meeting:
-        with pytest.raises(UnreachableTargetError):
-            choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
+    chosen = solved_if_feasible(options, budget, meeting)
+    if chosen is None:
         return
-    speedup, reduction = speed_and_reduction(
-        choose_options(options, FIXED_MACS, FIXED_SECONDS, budget)
-    )
+    speedup, reduction = speed_and_reduction(chosen)
     assert speedup >= ratio * reduction * (1 - 1e-12) and reduction >= 1 / share * (1 - 1e-12)
 
 

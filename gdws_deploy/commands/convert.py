@@ -315,8 +315,16 @@ def _calibrated(
     check_output_path(output, model)
     alphas = options.pop("alphas")
     errors.print(f"[dim]calibrating on {len(check.dataset)} samples of {check.dataset.name}[/]")
+    speed_goal = options.get("speedup") is not None or options.get("speed_ratio") is not None
     options.update(
-        calibration_options(model, check, options["allocation"], alphas=alphas, selection=options)
+        calibration_options(
+            model,
+            check,
+            options["allocation"],
+            alphas=alphas,
+            selection=options,
+            per_channel=speed_goal,
+        )
     )
     if max_robust_drop is None:
         report, written = _convert_file(

@@ -7,6 +7,7 @@ touched the engine's metadata is checked against the running TensorRT.
 
 from __future__ import annotations
 
+import collections
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,25 @@ class TrtRunner(Runner):
         self.copy_out(outputs)
         self.cuda.synchronize(self.stream)
         return np.array(outputs[0], dtype=np.float32)
+
+    def layer_seconds(self, batch: np.ndarray, runs: int) -> Dict[str, float]:
+        """Median seconds per inference of each engine layer by TensorRT's IProfiler, named
+        as TensorRT names them (fused layers 'a + b', pointwise fusions 'PWN(a, b)')."""
+        trt = trt_compat.load_tensorrt()
+        times = collections.defaultdict(list)  # type: Dict[str, List[float]]
+
+        class Collector(trt.IProfiler):
+            def __init__(self) -> None:
+                trt.IProfiler.__init__(self)
+
+            def report_layer_time(self, layer_name: str, ms: float) -> None:
+                times[layer_name].append(ms / 1000.0)
+
+        self.infer(batch)  # warm-up, unprofiled
+        self.context.profiler = Collector()
+        for _ in range(runs):
+            self.infer(batch)
+        return {name: float(np.median(seconds)) for name, seconds in times.items()}
 
     def timed_target(self, batch: np.ndarray, options: BenchOptions) -> TimedTarget:
         return TrtTimedTarget(self, batch, options)
