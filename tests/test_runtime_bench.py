@@ -69,7 +69,8 @@ def test_interleaved_blocks_alternate_so_drift_hits_both_models(runner):
     log = []
     pair = [RecordingTarget(runner, "A", log), RecordingTarget(runner, "B", log)]
     traces = interleaved_loops(pair, BenchOptions(warmup_ms=1, iterations=8, duration_s=0), 4)
-    assert "".join(log) == "AB" + "ABBAABBA"  # warm-ups, then A B | B A | A B | B A
+    # each block warms its model up first: A A B B | B B A A | A A B B | B B A A
+    assert "".join(log) == "AABB" + "BBAA" + "AABB" + "BBAA"
     assert all(len(t.rows) >= 8 for t in traces)
     assert all(t.warmup_queries == 0 for t in traces)
 
