@@ -79,13 +79,12 @@ class SpeedGoal:
 @dataclass(frozen=True)
 class SpeedPlan:
     """What convert_for_speed chose: the model, its factors and forms, the measured
-    whole-model speed-up and the one the in-context times predicted."""
+    whole-model speed-up."""
 
     model: onnx.ModelProto
     chosen: List[Tuple[ConvLayer, GdwsFactors]]
     forms: Dict[str, Choice]
     measured: float
-    predicted: float
 
 
 def convert_for_speed(
@@ -127,9 +126,8 @@ def convert_for_speed(
                 + f": the {goal.closest} choice is {speedup:.2f}x faster at {reduction:.2f}x "
                 "fewer MACs by the layer times measured"
             ) from error
-        predicted, reduction = _predicted(picks, fixed_macs, dense[FIXED], original)
-        lowered = _lower(model, types, layers, spectra, costs, picks, dense, alphas, rule)
-        plan = SpeedPlan(*lowered, predicted=predicted)
+        reduction = _predicted(picks, fixed_macs, dense[FIXED], original)[1]
+        plan = _lower(model, types, layers, spectra, costs, picks, dense, alphas, rule)
         wanted = goal.wanted(reduction) * MARGIN
         if plan.measured >= wanted:
             break
@@ -204,9 +202,8 @@ def _lower(
     dense: Mapping[str, float],
     alphas: Mapping[str, np.ndarray],
     rule: str,
-) -> Tuple[onnx.ModelProto, List[Tuple[ConvLayer, GdwsFactors]], Dict[str, Choice], float]:
-    """Lower the picked options and time the result against the original: the model, its
-    factors and forms, and the measured speed-up."""
+) -> SpeedPlan:
+    """Lower the picked options and time the result against the original."""
     weights = alphas if rule in USES_ALPHAS else {}
     chosen, forms = [], {}
     for layer, pick in zip(layers, picks):
@@ -218,4 +215,4 @@ def _lower(
         seconds = {"dense": dense[layer.name], pick.lowering: pick.seconds}
         forms[layer.name] = Choice(pick.lowering, seconds)
     converted, forms, measured = never_slower(model, chosen, types, forms, costs)
-    return converted, chosen, forms, measured
+    return SpeedPlan(converted, chosen, forms, measured)
