@@ -81,10 +81,11 @@ class ContextTimer:
         """The model with every layer that saves MACs in `form`."""
         if form.per_channel == 0:
             return self.model
+        names = set(self._names(form))
         chosen = [
             (layer, uniform(self.spectra[layer.name], form.per_channel))
             for layer in self.layers
-            if layer.name in self._names(form)
+            if layer.name in names
         ]
         if not chosen:
             return self.model
@@ -112,8 +113,7 @@ class ContextTimer:
 def uniform_macs(layer: ConvLayer, per_channel: int) -> int:
     """MACs of `layer` with `per_channel` kernels on every channel (at most its rank)."""
     out_channels, in_channels, kh, kw = layer.weight_shape
-    kept = min(per_channel, kh * kw, out_channels)
-    return kept * in_channels * (kh * kw + out_channels) * layer.pixels
+    return min(per_channel, kh * kw, out_channels) * in_channels * layer.kernel_macs
 
 
 def saves_macs(layer: ConvLayer, per_channel: int) -> bool:

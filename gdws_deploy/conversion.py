@@ -424,8 +424,7 @@ def _curves(
 
 
 def _cost(layer: onnx_graph.ConvLayer) -> LayerCost:
-    m, _, kh, kw = layer.weight_shape
-    return LayerCost(kernel_macs=(kh * kw + m) * layer.pixels, dense_macs=layer.macs)
+    return LayerCost(kernel_macs=layer.kernel_macs, dense_macs=layer.macs)
 
 
 def _row(

@@ -72,6 +72,13 @@ class ConvLayer:
     def eligible(self) -> bool:
         return self.skipped is None
 
+    @property
+    def kernel_macs(self) -> int:
+        """MACs of one GDWS kernel: its depthwise kernel and pointwise column, at every
+        output pixel (batch 1)."""
+        out_channels, _, kh, kw = self.weight_shape
+        return (kh * kw + out_channels) * self.pixels
+
 
 def load_model(path: Union[str, Path]) -> LoadedModel:
     """Read an ONNX file with its external data; GdwsError if it is not a valid model."""

@@ -87,11 +87,10 @@ def lower_sum(graph: gs.Graph, conv: gs.Node, name: str, factors: GdwsFactors) -
         graph.gdws_depthwise(name, x, conv, slice_kernels, channels, part)
         for slice_kernels, part in zip(kernels, _slice_names(slices))
     ]
-    conv.outputs.clear()
     if slices == 1:
-        graph.gdws_pointwise(name, hidden[0], columns, bias, out)
-        fuse_following_batchnorm(graph, out.inputs[0])
+        _replace_by_pointwise(graph, conv, name, hidden[0], columns)
         return
+    conv.outputs.clear()
     partial = [
         graph.gdws_pointwise(
             name,

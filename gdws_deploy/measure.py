@@ -100,12 +100,14 @@ class OrtBackend(Backend):
         """onnxruntime's profiler costs every node some microseconds, at batch 1 as much as
         a small node itself; the per-run time it adds (profiled against plain runs) is taken
         off the nodes evenly, so forms with more nodes are not charged for being profiled."""
-        feed = random_input(input_shape)
+        batch = random_input(input_shape)
         with tempfile.TemporaryDirectory(prefix="gdws-profile-") as folder:
-            session = self._session(model, str(Path(folder) / "profile"))
-            profiled = _run_seconds(session, feed, runs)
-            events = json.loads(Path(session.end_profiling()).read_text())
-        plain = _run_seconds(self._session(model), feed, runs)
+            prefix = str(Path(folder) / "profile")
+            with OrtRunner(model, threads=self.threads, profile_prefix=prefix) as runner:
+                profiled = _run_seconds(runner, batch, runs)
+                events = json.loads(Path(runner.session.end_profiling()).read_text())
+        with OrtRunner(model, threads=self.threads) as runner:
+            plain = _run_seconds(runner, batch, runs)
         times: Dict[str, List[float]] = collections.defaultdict(list)
         for event in events:
             name = event.get("name", "")
@@ -117,25 +119,13 @@ class OrtBackend(Backend):
             for name, durations in times.items()
         }
 
-    def _session(self, model: bytes, profile_prefix: Optional[str] = None):
-        import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
-        if profile_prefix is not None:
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def _run_seconds(session, batch: np.ndarray, runs: int) -> float:
+def _run_seconds(runner: Runner, batch: np.ndarray, runs: int) -> float:
     """Median seconds of `runs` inferences after _PROFILE_WARMUP unmeasured ones."""
-    feed = {session.get_inputs()[0].name: batch}
     seconds = []
     for run in range(_PROFILE_WARMUP + runs):
         started = time.perf_counter()
-        session.run(None, feed)
+        runner.infer(batch)
         if run >= _PROFILE_WARMUP:
             seconds.append(time.perf_counter() - started)
     return float(np.median(seconds))

@@ -172,10 +172,8 @@ def _loss(
 
 def _counts(layer: onnx_graph.ConvLayer, spectra: ChannelSpectra, grid: Sequence[float]):
     """0 and the grid's kernel counts that are below every term and cheaper than dense."""
-    m, channels, kh, kw = layer.weight_shape
-    kernel_macs = (kh * kw + m) * layer.pixels
-    counts = np.rint(np.asarray(grid, dtype=np.float64) * channels).astype(np.int64)
-    useful = (counts >= 1) & (counts < spectra.s.size) & (counts * kernel_macs < layer.macs)
+    counts = np.rint(np.asarray(grid, dtype=np.float64) * spectra.in_channels).astype(np.int64)
+    useful = (counts >= 1) & (counts < spectra.s.size) & (counts * layer.kernel_macs < layer.macs)
     return np.unique(np.concatenate(([0], counts[useful])))
 
 

@@ -50,10 +50,12 @@ class OrtRunner(Runner):
         model: Union[str, Path, bytes],
         providers: Optional[Sequence[str]] = None,
         threads: int = 0,
+        profile_prefix: Optional[str] = None,
     ) -> None:
         self.model = model
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.threads = threads
+        self.profile_prefix = profile_prefix  # set: onnxruntime profiles every node run
         self.session = None
 
     def activate(self) -> None:
@@ -62,6 +64,9 @@ class OrtRunner(Runner):
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        if self.profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = self.profile_prefix
         source = self.model if isinstance(self.model, bytes) else str(self.model)
         try:
             self.session = ort.InferenceSession(source, options, providers=self.providers)
