@@ -19,6 +19,8 @@ from gdws_deploy.graph import check_and_infer, count_macs, find_convs
 from gdws_deploy.measure import OrtBackend
 from gdws_deploy.robustness import RobustnessCheck
 from gdws_deploy.sensitivity import measure_loss_curves
+from gdws_deploy.speed_target import ACCEPT, AIM, REFINEMENTS, SpeedGoal, refine
+from gdws_deploy.time_allocation import SlowerThanBudgetError
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import run
 from tests.test_lowering import chain_model, factored, gap, images, lowered, ops, tuning_model
@@ -173,3 +175,45 @@ def test_measured_curves_of_a_speed_goal_cut_every_channel_alike():
         assert list(curve.counts) == [0, *offered]
         assert curve.losses[0] > curve.losses[-1]  # the layer zeroed costs most
     assert resolve_allocation("auto", has_curves=True, speed_goal=True) == "relative"
+
+
+class Attempts:
+    """A planner that measures each aim's plan at the next of `cleared` (None: the aim is
+    out of reach) and records the aims it was asked for."""
+
+    def __init__(self, *cleared):
+        self.cleared, self.aims = list(cleared), []
+
+    def __call__(self, aim):
+        self.aims.append(aim)
+        cleared = self.cleared.pop(0)
+        if cleared is None:
+            raise SlowerThanBudgetError([])
+        return cleared, f"plan {len(self.aims)}"
+
+
+def test_refine_stops_at_the_first_plan_that_clears_its_goal_with_room():
+    attempts = Attempts(ACCEPT + 0.01)
+    assert refine(attempts) == "plan 1" and attempts.aims == [AIM]
+
+
+def test_refine_raises_the_aim_by_the_shortfall_and_keeps_the_best_measured_plan():
+    attempts = Attempts(0.9, 1.02, 0.97, 1.0)
+    assert refine(attempts) == "plan 2"
+    assert len(attempts.aims) == REFINEMENTS + 1
+    assert attempts.aims[1] == pytest.approx(AIM * AIM / 0.9)
+    assert attempts.aims[2] == pytest.approx(attempts.aims[1] * AIM / 1.02)
+
+
+def test_refine_asks_for_the_goal_itself_when_the_aim_is_out_of_reach():
+    attempts = Attempts(None, 1.01, None)
+    assert refine(attempts) == "plan 2" and attempts.aims[:2] == [AIM, 1.0]
+    with pytest.raises(SlowerThanBudgetError):
+        refine(Attempts(None, None))
+
+
+def test_a_speed_ratio_never_asks_for_a_slower_model():
+    original = (3000.0, 1.0)  # MACs, seconds
+    assert SpeedGoal(ratio=0.5).budget(1.0, 2000.0, original).ratio == pytest.approx(2 / 3)
+    assert SpeedGoal(ratio=0.8).budget(1.1, 1000.0, original).ratio == pytest.approx(0.88)
+    assert SpeedGoal(ratio=0.5).wanted(1.5) == 1.0 and SpeedGoal(ratio=0.8).wanted(4) == 3.2
