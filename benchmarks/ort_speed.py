@@ -1,13 +1,16 @@
 """Does GDWS's MAC reduction become speed? The paper's CIFAR networks on onnxruntime CPU.
 
 For each network (random weights, randomized BatchNorm statistics, from models/) and MAC
-reduction R, `convert --mac-reduction R --speed-ratio 0.8 --tune ort --tune-batch B` is
-run at each batch size B (--speed-ratio 0: `--mac-reduction R` alone, the MAC allocation
-with tuned lowerings; where convert finds the ratio goal out of reach, at the most efficient
-ratio it found reachable), then the original and its converted models are timed interleaved in one
-process (alternating blocks, median query time) with the same thread count: a measurement
-apart from the one convert made. Printed per row: MACs before and after, images/s of both,
-the speed-up, and speed-up / MAC reduction (the achieved one, counted on the GDWS factors).
+reduction R, `convert --mac-reduction R --speed-ratio 0.8 --tune ort --tune-batch B` is run
+at each batch size B (--speed-ratio 0: `--mac-reduction R` alone, the MAC allocation with
+tuned lowerings; where convert finds the ratio goal out of reach, at the most efficient
+ratio it found reachable), then the original and its converted models are timed interleaved
+in one process (alternating blocks, median query time) with the same thread count: a
+measurement apart from the one convert made. The original is timed first and last: the
+speed-up is against the geometric mean of the two, and their ratio (orig A/A) is the run's
+noise floor; a timing whose A/A reads more than 5 % off is repeated (3 attempts, the best
+A/A kept). Printed per row: MACs before and after, images/s of both, the speed-up, and
+speed-up / MAC reduction (the achieved one, counted on the GDWS factors).
 Goals: that ratio >= 0.8 at batch 32 and the speed-up never below 1.0.
 
     .venv/bin/python benchmarks/ort_speed.py [--models preactresnet18 vgg16]
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +46,9 @@ RATIO_GOAL_BATCH = 32
 # Where the ratio goal is out of reach, the ratio asked instead: this share of the most
 # efficient choice's (by convert's own layer times; a hair under, so it is within reach).
 REACHABLE_SHARE = 0.99
+# A timing whose original-against-itself control reads off by more than this is repeated.
+CONTROL_TOLERANCE = 1.05
+CONTROL_ATTEMPTS = 3
 # Whole-model timing: a second per model per round at batch 1, a few queries at batch 32.
 TIMING = {1: Timing(rounds=7, queries=35, seconds=2.0, warmup_ms=200.0)}
 LARGE_BATCH_TIMING = Timing(rounds=9, queries=27, seconds=0.0, warmup_ms=200.0)
@@ -104,10 +111,9 @@ def measure_model(
                 unreachable.add((batch, target))
             paths.append(path if written else original)
         shape = model_input_shape(onnx.load(str(original)), batch)
-        # the original timed twice: the two figures' ratio is the run's noise floor
         models = [(path.read_bytes(), shape) for path in [*paths, original]]
-        seconds = time_models(backend, models, TIMING.get(batch, LARGE_BATCH_TIMING))
-        control = seconds[0] / seconds[-1]
+        seconds, control = time_with_control(backend, models, TIMING.get(batch, LARGE_BATCH_TIMING))
+        baseline = float(np.sqrt(seconds[0] * seconds[-1]))
         for target, after in zip(args.reductions, seconds[1:-1]):
             rows.append(
                 Row(
@@ -115,13 +121,31 @@ def measure_model(
                     batch,
                     target,
                     reports[target],
-                    batch / seconds[0],
+                    batch / baseline,
                     batch / after,
                     control,
                     (batch, target) not in unreachable,
                 )
             )
     return rows
+
+
+def time_with_control(
+    backend: OrtBackend, models: Sequence[Tuple[bytes, tuple]], timing: Timing
+) -> Tuple[List[float], float]:
+    """time_models of `models`, whose first and last are the original: the ratio of those
+    two (the control, 1.0 without noise) is the run's noise floor. Timed again, up to
+    CONTROL_ATTEMPTS times, while the control reads off by more than CONTROL_TOLERANCE
+    (another tenant of this host); the attempt with the best control is kept."""
+    attempts = []
+    for _ in range(CONTROL_ATTEMPTS):
+        seconds = time_models(backend, models, timing)
+        control = seconds[0] / seconds[-1]
+        attempts.append((abs(np.log(control)), seconds, control))
+        if attempts[-1][0] <= np.log(CONTROL_TOLERANCE):
+            break
+    _, seconds, control = min(attempts, key=lambda attempt: attempt[0])
+    return seconds, control
 
 
 def convert_row(

@@ -71,15 +71,15 @@ class SpeedGoal:
         return f"a speed-up {self.ratio:g}x its MAC reduction"
 
     def budget(
-        self, tightened: float, mac_budget: Optional[float], original: Tuple[float, float]
+        self, aim: float, mac_budget: Optional[float], original: Tuple[float, float]
     ) -> Budget:
-        """The solver's budget with the goal asked `tightened` times over. A ratio goal
+        """The solver's budget with the goal asked `aim` times over. A ratio goal
         asks at least 1 / the MAC reduction: no slower than the original at that."""
         macs, seconds = original
         if self.speedup is not None:
-            return Budget(macs=mac_budget, seconds=seconds / (self.speedup * tightened))
+            return Budget(macs=mac_budget, seconds=seconds / (self.speedup * aim))
         ratio = max(self.ratio, (mac_budget or 0.0) / macs)
-        return Budget(mac_budget, None, ratio * tightened, macs, seconds)
+        return Budget(mac_budget, None, ratio * aim, macs, seconds)
 
 
 class SpeedGoalOutOfReachError(UnreachableTargetError):
