@@ -70,12 +70,29 @@ class ContextTimer:
     def seconds(self, form: Form) -> Dict[str, float]:
         """Seconds per inference of every layer (by name) in `form`, and FIXED's; layers
         whose form would not save MACs stay dense and are left out."""
-        keys = {name: self._key(form, name) for name in [*self._names(form), FIXED]}
-        if any(self.cache.get(key) is None for key in keys.values()):
-            charged = self._profile(form)
-            for name, key in keys.items():
+        self.measure([form])
+        return {name: self.cache.get(key) for name, key in self._keys(form).items()}
+
+    def measure(self, forms: Sequence[Form]) -> None:
+        """Profile the forms not in the cache yet, together: their models run in turn, so
+        the machine's drifts fall on all of them alike and their times compare."""
+        missing = [
+            form
+            for form in forms
+            if any(self.cache.get(key) is None for key in self._keys(form).values())
+        ]
+        if not missing:
+            return
+        models = [self.lowered(form) for form in missing]
+        shape = model_input_shape(models[0], self.batch)
+        profiles = self.backend.node_seconds(
+            [model.SerializeToString() for model in models], shape, PROFILE_RUNS
+        )
+        layer_names = [layer.name for layer in self.layers]
+        for form, model, profiled in zip(missing, models, profiles):
+            charged = charge(profiled, owners(model, layer_names))
+            for name, key in self._keys(form).items():
                 self.cache.put(key, max(charged.get(name, 0.0), _FLOOR))
-        return {name: self.cache.get(key) for name, key in keys.items()}
 
     def lowered(self, form: Form) -> onnx.ModelProto:
         """The model with every layer that saves MACs in `form`."""
@@ -97,17 +114,15 @@ class ContextTimer:
             return [layer.name for layer in self.layers]
         return [layer.name for layer in self.layers if saves_macs(layer, form.per_channel)]
 
-    def _key(self, form: Form, name: str) -> str:
-        return (
-            f"{self.backend.name} | batch {self.batch} | model {self.digest} | "
-            f"in context {form.key()} | {name}"
-        )
-
-    def _profile(self, form: Form) -> Dict[str, float]:
-        model = self.lowered(form)
-        shape = model_input_shape(model, self.batch)
-        profiled = self.backend.node_seconds(model.SerializeToString(), shape, PROFILE_RUNS)
-        return charge(profiled, owners(model, [layer.name for layer in self.layers]))
+    def _keys(self, form: Form) -> Dict[str, str]:
+        """Cache key of each layer's (and FIXED's) seconds in `form`."""
+        return {
+            name: (
+                f"{self.backend.name} | batch {self.batch} | model {self.digest} | "
+                f"in context {form.key()} | {name}"
+            )
+            for name in [*self._names(form), FIXED]
+        }
 
 
 def uniform_macs(layer: ConvLayer, per_channel: int) -> int:

@@ -71,9 +71,12 @@ class Backend(abc.ABC):
         """Median time of one inference of `model` at `input_shape`."""
         return time_models(self, [(model, input_shape)], timing)[0]
 
-    def node_seconds(self, model: bytes, input_shape: Shape, runs: int) -> Dict[str, float]:
-        """Median seconds per inference of each node the backend runs, by its own name
-        for the node (fused and layout nodes included), from its per-node profiler."""
+    def node_seconds(
+        self, models: Sequence[bytes], input_shape: Shape, runs: int
+    ) -> List[Dict[str, float]]:
+        """For each model, median seconds per inference of each node the backend runs, by
+        its own name for the node (fused and layout nodes included), from its per-node
+        profiler."""
         raise GdwsError(f"{type(self).__name__} has no per-node profiler wired in")
 
 
@@ -96,39 +99,63 @@ class OrtBackend(Backend):
         with OrtRunner(model, threads=self.threads) as runner:
             yield runner
 
-    def node_seconds(self, model: bytes, input_shape: Shape, runs: int) -> Dict[str, float]:
-        """onnxruntime's profiler costs every node some microseconds, at batch 1 as much as
-        a small node itself; the per-run time it adds (profiled against plain runs) is taken
-        off the nodes evenly, so forms with more nodes are not charged for being profiled."""
+    def node_seconds(
+        self, models: Sequence[bytes], input_shape: Shape, runs: int
+    ) -> List[Dict[str, float]]:
+        """The models run in turn, run after run, each profiled and plain, so that the
+        drifts of a shared machine (other tenants: 10-25 % here) fall on all alike.
+        onnxruntime's profiler costs every node some microseconds, at batch 1 as much as a
+        small node itself; the per-run time it adds (profiled against plain) is taken off
+        the nodes evenly, so forms with more nodes are not charged for being profiled."""
         batch = random_input(input_shape)
-        with tempfile.TemporaryDirectory(prefix="gdws-profile-") as folder:
-            prefix = str(Path(folder) / "profile")
-            with OrtRunner(model, threads=self.threads, profile_prefix=prefix) as runner:
-                profiled = _run_seconds(runner, batch, runs)
-                events = json.loads(Path(runner.session.end_profiling()).read_text())
-        with OrtRunner(model, threads=self.threads) as runner:
-            plain = _run_seconds(runner, batch, runs)
-        times: Dict[str, List[float]] = collections.defaultdict(list)
-        for event in events:
-            name = event.get("name", "")
-            if event.get("cat") == "Node" and name.endswith(_KERNEL_SUFFIX):
-                times[name[: -len(_KERNEL_SUFFIX)]].append(event["dur"] * 1e-6)
-        overhead = max(profiled - plain, 0.0) / max(len(times), 1)
-        return {
-            name: max(float(np.median(durations[-runs:])) - overhead, 0.0)
-            for name, durations in times.items()
-        }
+        with contextlib.ExitStack() as stack:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gdws-profile-")))
+            pairs = [
+                [
+                    stack.enter_context(
+                        OrtRunner(model, threads=self.threads, profile_prefix=prefix)
+                    )
+                    for prefix in (str(folder / f"profile{index}"), None)
+                ]
+                for index, model in enumerate(models)
+            ]
+            seconds = np.array(
+                [
+                    [[_run_seconds(runner, batch) for runner in pair] for pair in pairs]
+                    for _ in range(_PROFILE_WARMUP + runs)
+                ]
+            )
+            events = [
+                json.loads(Path(profiled.session.end_profiling()).read_text())
+                for profiled, _ in pairs
+            ]
+        profiled, plain = np.median(seconds[_PROFILE_WARMUP:], axis=0).T
+        return [
+            _node_seconds(model_events, runs, max(extra, 0.0))
+            for model_events, extra in zip(events, profiled - plain)
+        ]
 
 
-def _run_seconds(runner: Runner, batch: np.ndarray, runs: int) -> float:
-    """Median seconds of `runs` inferences after _PROFILE_WARMUP unmeasured ones."""
-    seconds = []
-    for run in range(_PROFILE_WARMUP + runs):
-        started = time.perf_counter()
-        runner.infer(batch)
-        if run >= _PROFILE_WARMUP:
-            seconds.append(time.perf_counter() - started)
-    return float(np.median(seconds))
+def _node_seconds(events: Sequence[dict], runs: int, overhead: float) -> Dict[str, float]:
+    """Median seconds of each node over its last `runs` kernel events from onnxruntime's
+    profile, less an even share of the profiler's `overhead` per run."""
+    times: Dict[str, List[float]] = collections.defaultdict(list)
+    for event in events:
+        name = event.get("name", "")
+        if event.get("cat") == "Node" and name.endswith(_KERNEL_SUFFIX):
+            times[name[: -len(_KERNEL_SUFFIX)]].append(event["dur"] * 1e-6)
+    share = overhead / max(len(times), 1)
+    return {
+        name: max(float(np.median(durations[-runs:])) - share, 0.0)
+        for name, durations in times.items()
+    }
+
+
+def _run_seconds(runner: Runner, batch: np.ndarray) -> float:
+    """Seconds of one inference."""
+    started = time.perf_counter()
+    runner.infer(batch)
+    return time.perf_counter() - started
 
 
 class TrtBackend(Backend):
@@ -163,9 +190,16 @@ class TrtBackend(Backend):
             with TrtRunner(plan) as runner:
                 yield runner
 
-    def node_seconds(self, model: bytes, input_shape: Shape, runs: int) -> Dict[str, float]:
-        with self.runner(model, input_shape) as runner:
-            return runner.layer_seconds(random_input(input_shape), runs)
+    def node_seconds(
+        self, models: Sequence[bytes], input_shape: Shape, runs: int
+    ) -> List[Dict[str, float]]:
+        """One engine at a time (GPU kernels time on CUDA events, apart from the host)."""
+        batch = random_input(input_shape)
+        measured = []
+        for model in models:
+            with self.runner(model, input_shape) as runner:
+                measured.append(runner.layer_seconds(batch, runs))
+        return measured
 
 
 def time_models(

@@ -37,8 +37,13 @@ from gdws_deploy.time_allocation import Budget, Option, SlowerThanBudgetError, c
 from gdws_deploy.tuning import Choice, lower_model, never_slower
 
 Plan = TypeVar("Plan")
-# The forms timed for m > 1 (m = 1 is one plain depthwise conv in either).
-MULTI_SLICE_FORMS = ("sum", "pad")
+# The forms of each layer's options: m > 1 in pad and sum (m = 1 is one plain depthwise
+# conv in either).
+OPTION_FORMS = tuple(
+    Form(lowering, m)
+    for m in UNIFORM_PER_CHANNEL
+    for lowering in (("sum", "pad") if m > 1 else ("sum",))
+)
 REFINEMENTS = 3
 # What the solver asks over the goal, and how far above it a measured plan must be:
 # whole-model timings here vary by 5-10 % run to run, so a plan that clears the goal by
@@ -73,13 +78,11 @@ class SpeedGoal:
     def budget(
         self, aim: float, mac_budget: Optional[float], original: Tuple[float, float]
     ) -> Budget:
-        """The solver's budget with the goal asked `aim` times over. A ratio goal
-        asks at least 1 / the MAC reduction: no slower than the original at that."""
+        """The solver's budget with the goal asked `aim` times over."""
         macs, seconds = original
         if self.speedup is not None:
             return Budget(macs=mac_budget, seconds=seconds / (self.speedup * aim))
-        ratio = max(self.ratio, (mac_budget or 0.0) / macs)
-        return Budget(mac_budget, None, ratio * aim, macs, seconds)
+        return Budget(mac_budget, None, self.ratio * aim, macs, seconds)
 
 
 class SpeedGoalOutOfReachError(UnreachableTargetError):
@@ -119,6 +122,7 @@ def convert_for_speed(
     """The least-error conversion meeting `goal` on `costs`' backend (as near as
     REFINEMENTS allow), within `mac_budget` MACs when given."""
     timer = ContextTimer(costs.backend, costs.batch, model, types, layers, spectra, costs.cache)
+    timer.measure([Form("dense"), *OPTION_FORMS])
     dense = timer.seconds(Form("dense"))
     original_seconds = dense[FIXED] + sum(dense[layer.name] for layer in layers)
     original = (fixed_macs + sum(layer.macs for layer in layers), original_seconds)
@@ -205,8 +209,11 @@ def layer_options(
     for m in UNIFORM_PER_CHANNEL:
         if m > spectra.rank or not saves_macs(layer, m):
             continue
-        forms = MULTI_SLICE_FORMS if m > 1 else MULTI_SLICE_FORMS[:1]
-        seconds = {form: timer.seconds(Form(form, m))[layer.name] for form in forms}
+        seconds = {
+            form.lowering: timer.seconds(form)[layer.name]
+            for form in OPTION_FORMS
+            if form.per_channel == m
+        }
         fastest = min(seconds, key=seconds.get)
         error = option_error(rule, spectra, m, alphas.get(layer.name), curves.get(layer.name))
         options.append(Option(m, fastest, error, float(uniform_macs(layer, m)), seconds[fastest]))
