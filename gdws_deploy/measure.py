@@ -50,7 +50,10 @@ class Timing:
 DEFAULT_TIMING = Timing()
 # onnxruntime's profiler: the event of a node's compute, and runs left out before counting.
 _KERNEL_SUFFIX = "_kernel_time"
-_PROFILE_WARMUP = 3
+_PROFILE_WARMUP = 1
+# Profiled runs per block: a model runs a block at a time (after its own warm-up), so its
+# runs find their own data in the caches, as in steady use; blocks alternate among models.
+_PROFILE_BLOCK = 3
 
 
 class Backend(abc.ABC):
@@ -102,12 +105,13 @@ class OrtBackend(Backend):
     def node_seconds(
         self, models: Sequence[bytes], input_shape: Shape, runs: int
     ) -> List[Dict[str, float]]:
-        """The models run in turn, run after run, each profiled and plain, so that the
-        drifts of a shared machine (other tenants: 10-25 % here) fall on all alike.
-        onnxruntime's profiler costs every node some microseconds, at batch 1 as much as a
-        small node itself; the per-run time it adds (profiled against plain) is taken off
-        the nodes evenly, so forms with more nodes are not charged for being profiled."""
+        """The models run in turn, a block of runs at a time, each profiled and plain, so
+        that the drifts of a shared machine (other tenants: 10-25 % here) fall on all
+        alike. onnxruntime's profiler costs every node some microseconds, at batch 1 as
+        much as a small node itself; the per-run time it adds (profiled against plain) is
+        taken off the nodes evenly, so forms with more nodes are not charged for it."""
         batch = random_input(input_shape)
+        blocks = -(-runs // _PROFILE_BLOCK)
         with contextlib.ExitStack() as stack:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gdws-profile-")))
             pairs = [
@@ -119,43 +123,52 @@ class OrtBackend(Backend):
                 ]
                 for index, model in enumerate(models)
             ]
+            # seconds[block, model, profiled or plain, run of the block]
             seconds = np.array(
                 [
-                    [[_run_seconds(runner, batch) for runner in pair] for pair in pairs]
-                    for _ in range(_PROFILE_WARMUP + runs)
+                    [[_block_seconds(runner, batch) for runner in pair] for pair in pairs]
+                    for _ in range(blocks)
                 ]
             )
             events = [
                 json.loads(Path(profiled.session.end_profiling()).read_text())
                 for profiled, _ in pairs
             ]
-        profiled, plain = np.median(seconds[_PROFILE_WARMUP:], axis=0).T
+        per_model = seconds.transpose(1, 2, 0, 3).reshape(len(models), 2, -1)
+        profiled, plain = np.median(per_model, axis=2).T
         return [
-            _node_seconds(model_events, runs, max(extra, 0.0))
+            _node_seconds(model_events, max(extra, 0.0))
             for model_events, extra in zip(events, profiled - plain)
         ]
 
 
-def _node_seconds(events: Sequence[dict], runs: int, overhead: float) -> Dict[str, float]:
-    """Median seconds of each node over its last `runs` kernel events from onnxruntime's
-    profile, less an even share of the profiler's `overhead` per run."""
+def _node_seconds(events: Sequence[dict], overhead: float) -> Dict[str, float]:
+    """Median seconds of each node over its measured runs in onnxruntime's profile (the
+    runs after each block's warm-up), less an even share of the profiler's `overhead` per
+    run."""
     times: Dict[str, List[float]] = collections.defaultdict(list)
     for event in events:
         name = event.get("name", "")
         if event.get("cat") == "Node" and name.endswith(_KERNEL_SUFFIX):
             times[name[: -len(_KERNEL_SUFFIX)]].append(event["dur"] * 1e-6)
     share = overhead / max(len(times), 1)
-    return {
-        name: max(float(np.median(durations[-runs:])) - share, 0.0)
-        for name, durations in times.items()
-    }
+    cycle = _PROFILE_WARMUP + _PROFILE_BLOCK
+    medians = {}
+    for name, durations in times.items():
+        measured = np.arange(len(durations)) % cycle >= _PROFILE_WARMUP
+        medians[name] = max(float(np.median(np.array(durations)[measured])) - share, 0.0)
+    return medians
 
 
-def _run_seconds(runner: Runner, batch: np.ndarray) -> float:
-    """Seconds of one inference."""
-    started = time.perf_counter()
-    runner.infer(batch)
-    return time.perf_counter() - started
+def _block_seconds(runner: Runner, batch: np.ndarray) -> List[float]:
+    """Seconds of each of _PROFILE_BLOCK inferences after _PROFILE_WARMUP unmeasured ones."""
+    seconds = []
+    for run in range(_PROFILE_WARMUP + _PROFILE_BLOCK):
+        started = time.perf_counter()
+        runner.infer(batch)
+        if run >= _PROFILE_WARMUP:
+            seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 class TrtBackend(Backend):
