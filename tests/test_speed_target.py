@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +246,22 @@ def test_refine_asks_for_the_goal_itself_when_the_aim_is_out_of_reach():
 def test_a_plan_slower_than_the_original_never_clears_a_speed_ratio():
     assert SpeedGoal(ratio=0.5).wanted(1.5) == 1.0 and SpeedGoal(ratio=0.8).wanted(4) == 3.2
     assert SpeedGoal(speedup=2.0).wanted(4) == 2.0
+
+
+def test_the_cli_warns_exactly_when_the_model_measured_short_of_its_speed_goal(
+    capsys, tmp_path, model_file
+):
+    output, report_path = tmp_path / "fast.onnx", tmp_path / "report.json"
+    result = run_cli(
+        capsys,
+        "convert",
+        model_file,
+        "--mac-reduction", "1.5", "--speed-ratio", "0.5", "--all-layers",
+        "--tune", "ort", "--tune-batch", "4", "--tune-threads", "1",
+        "--tune-cache", tmp_path / "tune.json",
+        "-o", output, "--report", report_path,
+    )  # fmt: skip
+    assert result.code == 0 and output.exists(), result
+    report = json.loads(report_path.read_text())
+    wanted = SpeedGoal(ratio=0.5).wanted(report["reduction"])
+    assert ("short of the" in result.err) == (report["measured_speedup"] < wanted)
