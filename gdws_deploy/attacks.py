@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -52,12 +51,18 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 def parse_fraction(text: Union[str, float], what: str = "value") -> float:
-    """'8/255', '0.5' or a number -> float >= 0; GdwsError otherwise."""
+    """A number or any number over any number ('8/255', '0.4/255', '1e-2') -> float >= 0.
+
+    Papers write budgets as fractions of the pixel range, often with a decimal numerator;
+    anything else (nan, inf, a zero or negative denominator, 'x/3') is a GdwsError.
+    """
+    numerator, slash, denominator = str(text).strip().partition("/")
     try:
-        value = float(Fraction(str(text).strip()))
+        parts = [float(numerator), *([float(denominator)] if slash else [])]
+        value = parts[0] / parts[1] if slash else parts[0]
     except (ValueError, ZeroDivisionError) as error:
         raise GdwsError(f"{what} {text!r} is not a number or fraction like 8/255") from error
-    if not math.isfinite(value) or value < 0:
+    if not all(math.isfinite(part) and part >= 0 for part in parts):
         raise GdwsError(f"{what} must be a finite number >= 0, got {text}")
     return value
 

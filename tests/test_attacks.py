@@ -45,10 +45,23 @@ def test_fractions_parse_like_the_papers_write_them():
     assert parse_per_norm("4/255", "eps") == {"*": 4 / 255}
 
 
-@pytest.mark.parametrize("text", ["-1", "1/0", "eight", "nan", "inf"])
-def test_bad_eps_is_a_user_error(text):
-    with pytest.raises(GdwsError):
-        parse_fraction(text, "eps")
+@pytest.mark.parametrize(
+    "text, value",
+    [("0.4/255", 0.4 / 255), ("2/255.0", 2 / 255), ("1e-2", 0.01), ("0.5/255", 0.5 / 255)],
+)
+def test_any_number_over_any_number_parses_for_eps_and_step_size(text, value):
+    assert parse_fraction(text, "--step-size") == pytest.approx(value)
+    assert parse_per_norm(f"linf={text}", "--eps") == {"linf": pytest.approx(value)}
+    assert parse_per_norm(text, "--step-size") == {"*": pytest.approx(value)}
+
+
+@pytest.mark.parametrize(
+    "text", ["-1", "1/0", "eight", "nan", "inf", "x/3", "1/-255", "-1/-255", "1/inf", "8/255/2"]
+)
+def test_bad_eps_is_a_one_line_user_error(text):
+    with pytest.raises(GdwsError) as error:
+        parse_fraction(text, "--eps")
+    assert str(error.value).startswith("--eps") and "\n" not in str(error.value)
 
 
 def test_attack_defaults_follow_the_norm():
