@@ -32,11 +32,16 @@ def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(output: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `output`; move it into place only on success."""
+    """Yield a temporary path beside `output`; move it into place only on success.
+
+    Any exception removes the temporary file, Ctrl-C included, and SIGTERM/SIGHUP under the
+    CLI (it turns them into exceptions). Only SIGKILL, which no process can catch, can leave
+    a hidden `.NAME.XXXXXXXX.tmp` beside `output`; `output` itself is never half-written.
+    """
     out = Path(output)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
-    os.close(fd)
     try:
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, out)

@@ -2,14 +2,19 @@
 
 Verbs are imported only when invoked, so `--help` is instant and the Jetson image, which
 has no torch or onnx-graphsurgeon, can still run the runtime verbs. A GdwsError becomes
-one line on stderr and exit code 2; nothing else is caught here.
+one line on stderr and exit code 2; SIGTERM and SIGHUP unwind like Ctrl-C, so a temporary
+output file is removed (gdws_deploy/atomic.py), and exit 128 + the signal number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
-from typing import List, Optional
+import threading
+from types import FrameType
+from typing import Iterator, List, Optional
 
 import click
 
@@ -47,10 +52,56 @@ def cli() -> None:
     """Make robust CNNs fast with generalized depthwise-separable convolutions."""
 
 
+# Signals that end a run the way Ctrl-C does (Ctrl-C itself is click's Abort, exit 130).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread by a stop signal; unwinds `finally` blocks like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.name = signal.Signals(signum).name
+
+
+def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
+    for number in STOP_SIGNALS:  # a second signal during the clean-up ends the process
+        if signal.getsignal(number) is _raise_terminated:
+            signal.signal(number, signal.SIG_DFL)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_unwind() -> Iterator[None]:
+    """While inside, SIGTERM/SIGHUP raise Terminated; the previous handlers come back after.
+
+    By default they end the process at once, skipping the clean-up that removes a
+    half-written temporary output. A signal already ignored (`nohup` ignores SIGHUP) stays
+    ignored. Handlers can only be set in the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        number: signal.signal(number, _raise_terminated)
+        for number in STOP_SIGNALS
+        if signal.getsignal(number) is not signal.SIG_IGN
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():  # None: a handler set outside Python
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry point: run a verb, turning user errors into one line."""
     try:
-        cli.main(args=argv, prog_name="gdws-deploy", standalone_mode=False)
+        with stop_signals_unwind():
+            cli.main(args=argv, prog_name="gdws-deploy", standalone_mode=False)
+    except Terminated as stop:
+        click.echo(f"gdws-deploy: terminated ({stop.name})", err=True)
+        return int(stop.code)
     except GdwsError as error:
         click.echo(f"gdws-deploy: error: {error}", err=True)
         return 2
