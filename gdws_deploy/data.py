@@ -4,7 +4,8 @@ A dataset is named by a spec string, `name` or `name:argument`:
   digits          sklearn's bundled 8x8 digits, test split (`digits:train` for the rest)
   photos          32x32 grayscale patches of scikit-image's photographs, test split
                   (`photos:train` for the other half of each photo), classes interleaved
-  npz:PATH        arrays `x` (N, C, H, W) float in [0, 1] and `y` (N,) int
+  npz:PATH        arrays `x` (N, C, H, W) float in [0, 1] (or uint8, scaled by 1/255)
+                  and `y` (N,) int
   cifar10:DIR     the python pickle batches (DIR/test_batch or DIR/cifar-10-batches-py/...)
   svhn:FILE.mat   the cropped-digits .mat file (X: 32x32x3xN uint8, y: N x 1, 10 meaning 0)
 More names plug in with `register_dataset(name, loader)`. Everything a user can get wrong
@@ -15,6 +16,8 @@ take) is a GdwsError.
 from __future__ import annotations
 
 import pickle
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
@@ -179,15 +182,23 @@ def _dealt_by_class(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _npz(argument: Optional[str]) -> Arrays:
+    """x and y of an npz archive; uint8 images (how CIFAR/SVHN arrays are often kept) are
+    scaled to [0, 1], and the user is told, since a float model sees other numbers."""
     path = _existing(argument, "npz file")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and say so
+        raise GdwsError(f"{path} is not an npz archive")
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = {"x", "y"} - set(archive.files)
             if missing:
                 raise GdwsError(f"{path} has no array named {sorted(missing)[0]!r} (needs x and y)")
-            return archive["x"], archive["y"]
-    except (OSError, ValueError) as error:
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise GdwsError(f"cannot read {path} as .npz: {error}") from error
+    if x.dtype == np.uint8:
+        print(f"npz:{argument}: uint8 images scaled by 1/255", file=sys.stderr)
+        x = x.astype(np.float32) / np.float32(255)
+    return x, y
 
 
 def _cifar10(argument: Optional[str]) -> Arrays:

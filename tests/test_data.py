@@ -34,6 +34,24 @@ def test_npz_round_trips_and_limit_keeps_the_first_samples(tmp_path):
     assert [len(b[1]) for b in data.batches(2)] == [2, 2, 1]
 
 
+def test_uint8_npz_images_are_scaled_by_1_over_255_and_said_once(tmp_path, capsys):
+    images = RNG.integers(0, 256, (3, 3, 4, 4), dtype=np.uint8)
+    path = tmp_path / "cifar_like.npz"
+    np.savez(path, x=images, y=np.array([2, 0, 1]))
+    data = load_dataset(f"npz:{path}")
+    assert data.x.dtype == np.float32
+    np.testing.assert_allclose(data.x, images / 255.0, rtol=1e-6)
+    assert capsys.readouterr().err.splitlines() == [f"npz:{path}: uint8 images scaled by 1/255"]
+
+
+def test_text_file_given_as_npz_is_not_an_npz_archive(tmp_path):
+    path = tmp_path / "labels.npz"
+    path.write_text("0,1,2\n3,4,5\n")
+    with pytest.raises(GdwsError) as error:
+        load_dataset(f"npz:{path}")
+    assert str(error.value) == f"{path} is not an npz archive"
+
+
 def test_cifar10_pickle_batches_are_decoded_channel_first(tmp_path):
     images = RNG.integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
     folder = tmp_path / "cifar-10-batches-py"
@@ -69,7 +87,7 @@ def test_registered_loader_becomes_a_dataset_name(monkeypatch):
         (np.full((2, 1, 2, 2), 1.5), [0, 1], "must lie in [0, 1]"),
         (np.full((2, 1, 2, 2), np.nan), [0, 1], "must lie in [0, 1]"),
         (np.zeros((2, 4)), [0, 1], "(N, C, H, W)"),
-        (np.zeros((2, 1, 2, 2), np.uint8), [0, 1], "floats in [0, 1]"),
+        (np.zeros((2, 1, 2, 2), np.int32), [0, 1], "floats in [0, 1]"),
         (np.zeros((2, 1, 2, 2)), [0, 1, 1], "2 images but 3 labels"),
         (np.zeros((2, 1, 2, 2)), [0, -1], "negative label"),
         (np.zeros((2, 1, 2, 2)), [0.5, 1.0], "integer"),
