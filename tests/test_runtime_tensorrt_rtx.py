@@ -55,6 +55,27 @@ def test_parse_only_lists_the_node_tensorrt_cannot_import(tmp_path):
     assert "FancyOp" in row and row.split()[1] == "1"  # node index 1
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"a text file, not a model\n", "without outputs"),  # decodes as an empty model
+        (b"", "without outputs"),
+        ("truncated", "Failed to parse the ONNX model"),
+    ],
+)
+def test_a_file_that_is_no_onnx_model_is_named_as_such(tmp_path, content, reason):
+    if content == "truncated":  # a download cut in half
+        content = small_cnn(tmp_path / "whole.onnx").read_bytes()[:-700]
+        (tmp_path / "whole.onnx").unlink()
+    fake = tmp_path / "text.onnx"
+    fake.write_bytes(content)
+    for flags in (("-o", tmp_path / "text.plan"), ("--parse-only",)):
+        line = one_line_error(trt_cli("build", fake, *flags))
+        assert f"{fake} is not a valid ONNX model (TensorRT's parser: " in line
+        assert reason in line
+    assert [p.name for p in tmp_path.iterdir()] == ["text.onnx"]
+
+
 def test_ahead_of_time_build_writes_engine_metadata_and_timing_cache(tmp_path):
     model = gdws_cnn(tmp_path / "gdws.onnx")
     plan, cache = tmp_path / "gdws.plan", tmp_path / "timing.cache"

@@ -109,6 +109,11 @@ class _Network:
         self.network = self.builder.create_network(trt_compat.network_flags(self.trt))
         self.parser = self.trt.OnnxParser(self.network, self.logger)
         self.parsed = bool(self.parser.parse_from_file(str(onnx_path)))
+        why = trt_compat.unreadable_model(self.trt, self.parser)
+        if why is None and self.parsed and self.network.num_outputs == 0:
+            why = "it reads as a model without outputs"  # what any text file decodes to
+        if why is not None:
+            raise GdwsError(f"{onnx_path} is not a valid ONNX model (TensorRT's parser: {why})")
 
     @property
     def version(self) -> TrtVersion:

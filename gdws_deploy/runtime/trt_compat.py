@@ -160,6 +160,16 @@ def parser_issues(parser: Any) -> List[ParserIssue]:
     return issues
 
 
+def unreadable_model(trt: ModuleType, parser: Any) -> Optional[str]:
+    """The parser's complaint when the file is no ONNX protobuf at all, else None."""
+    code = getattr(getattr(trt, "ErrorCode", None), "MODEL_DESERIALIZE_FAILED", None)
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        if code is not None and error.code() == code:
+            return " ".join(error.desc().split())
+    return None
+
+
 class TensorInfo(NamedTuple):
     name: str
     is_input: bool
