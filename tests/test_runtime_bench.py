@@ -14,7 +14,7 @@ from gdws_deploy.runtime.benchmark import (
     interleaved_loops,
     timing_loop,
 )
-from gdws_deploy.runtime.perf_summary import COMPUTE_S, H2D_S
+from gdws_deploy.runtime.perf_summary import COMPUTE_S, H2D_S, prolog_lines
 from gdws_deploy.runtime.runner import OrtRunner
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.runtime_models import small_cnn
@@ -72,7 +72,23 @@ def test_interleaved_blocks_alternate_so_drift_hits_both_models(runner):
     # each block warms its model up first: A A B B | B B A A | A A B B | B B A A
     assert "".join(log) == "AABB" + "BBAA" + "AABB" + "BBAA"
     assert all(len(t.rows) >= 8 for t in traces)
-    assert all(t.warmup_queries == 0 for t in traces)
+
+
+def test_interleaved_warmups_are_counted_and_reported(runner):
+    pair = [target(runner), target(runner)]
+    traces = interleaved_loops(pair, BenchOptions(warmup_ms=2, iterations=4, duration_s=0), 3)
+    for trace in traces:  # each of the 3 blocks ran at least one warm-up query
+        assert trace.warmup_queries >= 3 and trace.warmup_ms == 6
+        queries = trace.warmup_queries
+        assert prolog_lines(trace)[0] == f"Warmup completed {queries} queries over 6 ms"
+
+
+def test_no_warmup_says_so_and_runs_no_warmup_query(runner):
+    (trace,) = interleaved_loops([target(runner)], BenchOptions(0, 4, 0), 2)
+    assert trace.warmup_queries == 0 and len(trace.rows) == 4
+    assert prolog_lines(trace)[0] == "No warm-up (--warmUp 0)"
+    alone = timing_loop(target(runner), BenchOptions(warmup_ms=0, iterations=5, duration_s=0))
+    assert prolog_lines(alone)[0] == "No warm-up (--warmUp 0)"
 
 
 def test_compare_measures_the_lighter_model_faster(models):
@@ -89,7 +105,7 @@ def test_bench_cli_prints_trtexec_summary_and_writes_json(models, tmp_path, caps
     done = run_cli(capsys, "bench", models[0], *QUICK, "--batch", "4", "--json", out, "--verbose")
     assert done.code == 0, done.err
     lines = done.out.splitlines()
-    assert lines[0].startswith("Warmup completed 0 queries over 0 ms")
+    assert lines[0] == "No warm-up (--warmUp 0)"
     assert "=== Trace details ===" in lines
     block = lines[lines.index("=== Performance summary ===") :]
     assert block[1].startswith("Throughput: ") and block[1].endswith(" qps")

@@ -104,10 +104,14 @@ def timing_loop(target: TimedTarget, options: BenchOptions) -> Trace:
     return Trace.of(np.asarray(rows), options.warmup_ms)
 
 
-def warm_up(target: TimedTarget, milliseconds: float) -> None:
+def warm_up(target: TimedTarget, milliseconds: float) -> int:
+    """Queries until `milliseconds` have passed (none for 0); returns how many ran."""
     target.start()
-    while target.query()[COMPUTE_S] < milliseconds:
-        pass
+    queries, elapsed = 0, 0.0
+    while elapsed < milliseconds:
+        elapsed = target.query()[COMPUTE_S]
+        queries += 1
+    return queries
 
 
 def interleaved_loops(
@@ -118,7 +122,8 @@ def interleaved_loops(
     Each block is a trtexec loop of duration/rounds and iterations/rounds after its own
     warm-up: the block before it was another model's, whose data left this one's caches
     (and whose threads took the cores) -- without it, models with many small ops were
-    measured up to 1.4x slower than alone. A target's walltime is the sum of its blocks'.
+    measured up to 1.4x slower than alone. A target's walltime is the sum of its blocks', and
+    so are its warm-up queries and time.
     """
     if rounds < 1:
         raise GdwsError(f"--rounds must be at least 1, got {rounds}")
@@ -132,8 +137,9 @@ def interleaved_loops(
     order = list(range(len(targets)))
     for round_index in range(rounds):
         for index in order if round_index % 2 == 0 else order[::-1]:
-            warm_up(targets[index], options.warmup_ms)
-            parts[index].append(timing_loop(targets[index], block))
+            warmed = warm_up(targets[index], options.warmup_ms)
+            trace = timing_loop(targets[index], block)
+            parts[index].append(replace(trace, warmup_queries=warmed, warmup_ms=options.warmup_ms))
     return [Trace.join(p) for p in parts]
 
 

@@ -118,12 +118,13 @@ class Trace:
 
     @classmethod
     def join(cls, parts: Sequence[Trace]) -> Trace:
-        """Traces timed in separate blocks (interleaved comparisons): walltimes add up."""
+        """Traces timed in separate blocks (interleaved comparisons): walltimes, warm-up
+        queries and warm-up times add up."""
         return cls(
             np.concatenate([p.rows for p in parts]),
             sum(p.walltime_ms for p in parts),
             sum(p.warmup_queries for p in parts),
-            max(p.warmup_ms for p in parts),
+            sum(p.warmup_ms for p in parts),
         )
 
     def durations(self) -> Dict[str, np.ndarray]:
@@ -246,8 +247,10 @@ def summarize(
 
 
 def prolog_lines(trace: Trace) -> List[str]:
+    """trtexec's lines before the summary; a run without warm-up says so instead."""
+    warmup = f"Warmup completed {trace.warmup_queries} queries over {fmt(trace.warmup_ms)} ms"
     return [
-        f"Warmup completed {trace.warmup_queries} queries over {fmt(trace.warmup_ms)} ms",
+        warmup if trace.warmup_ms > 0 else "No warm-up (--warmUp 0)",
         f"Timing trace has {len(trace.rows)} queries over {fmt(trace.walltime_ms / 1000)} s",
     ]
 
