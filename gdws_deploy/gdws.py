@@ -90,6 +90,21 @@ class ChannelSpectra:
         """||W||_F^2, the sum of every s_ci^2."""
         return float(np.sum(self.s**2))
 
+    def round_off_energy(self, alpha: Optional[np.ndarray] = None) -> float:
+        """Weighted energy that rounding alone can put past a weight's true rank.
+
+        Storing W in its dtype moves every entry by at most u = eps/2 of itself, so a
+        weight of exact rank R per channel keeps at most u^2 ||W_c||^2 beyond rank R
+        (Eckart-Young: the rounding is one rank-R approximation of it). The float64 SVD is
+        backward stable: each computed s_ci is off by at most about max(M, k) * eps64 *
+        ||W_c|| (Weyl), at most r such terms. So the dropped energy that is round-off, not
+        signal, is at most (u + sqrt(r) max(M, k) eps64)^2 * sum_c alpha_c ||W_c||^2.
+        """
+        taps = self.kernel_shape[0] * self.kernel_shape[1]
+        svd = np.sqrt(self.rank) * max(self.out_channels, taps) * np.finfo(np.float64).eps
+        amplitude = np.finfo(self.dtype).eps / 2 + svd
+        return float(amplitude**2 * self.energies(alpha).sum())
+
 
 @dataclass(frozen=True)
 class GdwsFactors:
@@ -165,14 +180,15 @@ def lego(
 
     weight: (M, C, kh, kw) or its ChannelSpectra; alpha: (C,) channel weights, None for
     ones. At least `min_kernels` are kept so the layer never vanishes (the error is then
-    below beta).
+    below beta). Error within round-off of beta meets it (ChannelSpectra.round_off_energy),
+    so beta = 0 drops exactly the terms beyond each channel's rank.
     """
     if not np.isfinite(beta) or beta < 0:
         raise GdwsError(f"beta must be a finite number >= 0, got {beta}")
     spectra = _spectra(weight)
     ranked = spectra.ranked_energies(alpha)
     dropped_error = np.cumsum(ranked[::-1])
-    droppable = int(np.searchsorted(dropped_error, beta, side="right"))
+    droppable = _droppable(dropped_error, beta + spectra.round_off_energy(alpha))
     keep = max(ranked.size - droppable, min(min_kernels, ranked.size))
     return _truncate(spectra, alpha, keep, dropped_error)
 
@@ -185,15 +201,22 @@ def mego(
     """MEGO: the least weighted error with at most `budget` depthwise kernels.
 
     weight: (M, C, kh, kw) or its ChannelSpectra; alpha: (C,) channel weights, None for
-    ones. Terms of zero weighted energy are never kept: they add kernels, not accuracy.
+    ones. Terms whose energy is zero or round-off are never kept: they add kernels, not
+    accuracy.
     """
     if int(budget) != budget or budget < 1:
         raise GdwsError(f"budget must be a whole number of kernels >= 1, got {budget}")
     spectra = _spectra(weight)
     ranked = spectra.ranked_energies(alpha)
-    useful = max(int(np.count_nonzero(ranked > 0)), 1)
+    dropped_error = np.cumsum(ranked[::-1])
+    useful = max(ranked.size - _droppable(dropped_error, spectra.round_off_energy(alpha)), 1)
     keep = min(int(budget), useful)
-    return _truncate(spectra, alpha, keep, np.cumsum(ranked[::-1]))
+    return _truncate(spectra, alpha, keep, dropped_error)
+
+
+def _droppable(dropped_error: np.ndarray, bound: float) -> int:
+    """How many terms can go from the end of the keep order with error <= bound."""
+    return int(np.searchsorted(dropped_error, bound, side="right"))
 
 
 @dataclass(frozen=True)

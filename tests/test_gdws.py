@@ -76,11 +76,12 @@ def test_lego_error_is_within_beta_and_one_more_drop_would_exceed_it(layer, frac
     weight, alpha = layer
     beta = fraction * total_energy(weight, alpha)
     factors = lego(weight, beta, alpha)
-    assert factors.error <= beta
+    bound = beta + ChannelSpectra.from_weight(weight).round_off_energy(alpha)
+    assert factors.error <= bound  # within round-off of beta meets it
     kept = kept_energies(weight, alpha, factors.kernels_per_channel())
     assert factors.error == pytest.approx(total_energy(weight, alpha) - kept.sum(), abs=1e-9)
     if factors.kernels > 1:  # one kernel is kept even when beta would allow none
-        assert factors.error + kept.min() > beta - 1e-12 * total_energy(weight, alpha)
+        assert factors.error + kept.min() > bound - 1e-12 * total_energy(weight, alpha)
 
 
 @PROPERTY
