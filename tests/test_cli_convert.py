@@ -217,3 +217,9 @@ def assert_one_line_error(code: int, err: str, fragment: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("gdws-deploy: error: "), err
     assert fragment in lines[0]
     assert "Traceback" not in err
+
+
+def test_help_prints_percent_signs_once(capsys):
+    code, out, _ = gdws_deploy(capsys, "convert", "--help")
+    assert code == 0
+    assert "80 % of its share" in " ".join(out.split()) and "%%" not in out

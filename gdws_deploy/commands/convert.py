@@ -132,7 +132,7 @@ class _Number(click.ParamType):
     type=_Number(float),
     metavar="E",
     help="With --tune and --mac-reduction: a speed-up at least E times the MAC reduction "
-    "reached (0.8: every MAC removed buys 80 %% of its share of time), least error.",
+    "reached (0.8: every MAC removed buys 80 % of its share of time), least error.",
 )
 @allocation_option
 @click.option(
