@@ -6,10 +6,14 @@ so a converted model is judged by what actually runs. The report also gives the 
 own accuracy and how often the two disagree, which bounds what the mirror can be trusted
 for. Only samples the backend classifies correctly are attacked; the others count as
 broken either way.
+
+The mirror runs any batch; a model exported with a fixed batch gets its backend fed in
+chunks of exactly that batch, so --batch-size only sizes the attacks.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import time
@@ -126,12 +130,13 @@ def evaluate(
     target = with_normalization(mirror, mean, std, dataset.x.shape[1])
     with torch.no_grad():
         dataset.check_model(mirror.input_shapes[0], lambda x: target(torch.from_numpy(x)).shape[1])
-    _check_batch(mirror.input_shapes[0], batch_size, len(dataset))
+    fixed = _fixed_batch(mirror.input_shapes[0])
     generator = torch.Generator().manual_seed(seed)
     counts = _Counts()
+    predict = functools.partial(_backend_predict, runner, mean=mean, std=std, fixed=fixed)
     with runner:
         for x_batch, y_batch in dataset.batches(batch_size):
-            _evaluate_batch(runner, target, attacks, x_batch, y_batch, mean, std, generator, counts)
+            _evaluate_batch(predict, target, attacks, x_batch, y_batch, generator, counts)
             if progress is not None:
                 progress(counts.seen, len(dataset))
     n = counts.seen
@@ -156,18 +161,17 @@ def evaluate(
 
 
 def _evaluate_batch(
-    runner: Runner,
+    predict: Callable[[np.ndarray], np.ndarray],
     target: Callable[[torch.Tensor], torch.Tensor],
     attacks: Sequence[Attack],
     x_batch: np.ndarray,
     y_batch: np.ndarray,
-    mean: Optional[Sequence[float]],
-    std: Optional[Sequence[float]],
     generator: torch.Generator,
     counts: _Counts,
 ) -> None:
+    """predict: images -> the backend's classes; target: images -> the mirror's logits."""
     x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
-    backend_clean = _backend_predict(runner, x_batch, mean, std)
+    backend_clean = predict(x_batch)
     with torch.no_grad():
         mirror_clean = target(x).argmax(1).numpy()
     correct = np.flatnonzero(backend_clean == y_batch)
@@ -175,7 +179,7 @@ def _evaluate_batch(
     if len(correct) and attacks:
         chosen = torch.from_numpy(correct)
         x_adv[chosen] = worst_case(target, x[chosen], y[chosen], attacks, generator).x_adv
-    backend_adv = _backend_predict(runner, x_adv.numpy(), mean, std)
+    backend_adv = predict(x_adv.numpy())
     with torch.no_grad():
         mirror_adv = target(x_adv).argmax(1).numpy()
     counts.clean += int((backend_clean == y_batch).sum())
@@ -192,20 +196,22 @@ def _backend_predict(
     x: np.ndarray,
     mean: Optional[Sequence[float]],
     std: Optional[Sequence[float]],
+    fixed: Optional[int] = None,
 ) -> np.ndarray:
+    """The backend's classes for images `x` (N, C, H, W), normalized here when asked; fed
+    in chunks of `fixed` samples (the last one zero-padded) for a fixed-batch model."""
     if mean or std:
         shape = (1, -1, 1, 1)
         x = (x - np.reshape(mean or [0.0], shape)) / np.reshape(std or [1.0], shape)
-    return np.asarray(runner.infer(x.astype(np.float32))).argmax(1)
+    x = x.astype(np.float32, copy=False)  # the runners' input; each casts to its model's type
+    if fixed is None or len(x) == fixed:
+        return np.asarray(runner.infer(x)).argmax(1)
+    padded = np.concatenate([x, np.zeros((-len(x) % fixed, *x.shape[1:]), x.dtype)])
+    chunks = padded.reshape(-1, fixed, *x.shape[1:])
+    return np.concatenate([np.asarray(runner.infer(chunk)).argmax(1) for chunk in chunks])[: len(x)]
 
 
-def _check_batch(input_shape: Sequence, batch_size: int, samples: int) -> None:
-    """A model exported with a fixed batch only takes batches of exactly that size."""
+def _fixed_batch(input_shape: Sequence) -> Optional[int]:
+    """The batch a model exported with a fixed one takes (None: any)."""
     fixed = input_shape[0] if input_shape else None
-    if not isinstance(fixed, int) or fixed <= 0:
-        return
-    if batch_size != fixed or samples % fixed:
-        raise GdwsError(
-            f"the model has a fixed batch size of {fixed}: use --batch-size {fixed} and a "
-            f"sample count (--limit) divisible by it, or export with a dynamic batch"
-        )
+    return fixed if isinstance(fixed, int) and fixed > 0 else None

@@ -98,16 +98,54 @@ def test_backends_are_looked_up_by_name(digits_model):
         open_backend("tvm", digits_model)
 
 
-def test_fixed_batch_model_needs_matching_batches(tmp_path):
-    fixed = tmp_path / "fixed.onnx"
+def _export_fixed_batch(path, batch: int):
+    """The digits CNN as torch exports it by default: no dynamic axes, batch fixed."""
     torch.onnx.export(
-        trained_digits_cnn(), (torch.zeros(4, 1, 8, 8),), str(fixed), dynamo=False, opset_version=17
+        trained_digits_cnn(),
+        (torch.zeros(batch, 1, 8, 8),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
     )
-    data = load_dataset("digits", limit=8)
-    with pytest.raises(GdwsError, match="fixed batch size of 4"):
-        evaluate(fixed, data, [], batch_size=8)
-    report = evaluate(fixed, data, [], batch_size=4)
-    assert report.robust_acc == report.clean_acc  # no attack: nothing changes
+    return path
+
+
+def _eval_json(capsys, model, out, *args: str) -> dict:
+    result = run_cli(capsys, "eval", model, "--dataset", "digits", "--json", out, *args)
+    assert result.code == 0, result.err
+    return json.loads(out.read_text())
+
+
+def test_cli_evaluates_fixed_batch_model_at_any_batch_size(digits_model, tmp_path, capsys):
+    fixed = _export_fixed_batch(tmp_path / "fixed1.onnx", 1)
+    assert (
+        ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .shape[0]
+        == 1
+    )
+    out = tmp_path / "report.json"
+    verdicts = ("clean_acc", "robust_acc", "mirror_clean_acc", "mirror_robust_acc", "disagreements")
+    clean = ("--limit", "24", "--eps", "0", "--steps", "1")
+    at_8 = _eval_json(capsys, fixed, out, *clean, "--batch-size", "8")
+    at_1 = _eval_json(capsys, fixed, out, *clean, "--batch-size", "1")
+    assert {k: at_8[k] for k in verdicts} == {k: at_1[k] for k in verdicts}
+    attacked = ("--limit", "24", "--steps", "3", "--eps", "0.1", "--batch-size", "8")
+    fixed_report = _eval_json(capsys, fixed, out, *attacked)
+    dynamic_report = _eval_json(capsys, digits_model, out, *attacked)
+    assert {k: fixed_report[k] for k in verdicts} == {k: dynamic_report[k] for k in verdicts}
+    assert fixed_report["robust_acc"] < fixed_report["clean_acc"]
+
+
+def test_fixed_batch_backend_gets_padded_chunks_for_a_partial_batch(digits_model, tmp_path):
+    fixed = _export_fixed_batch(tmp_path / "fixed4.onnx", 4)
+    data = load_dataset("digits", limit=10)  # batches of 8 and 2: chunks 4, 4 and 2 + padding
+    attacks = make_attacks("pgd-linf", {"*": 0.1}, steps=3)
+    report = evaluate(fixed, data, attacks, batch_size=8, seed=3)
+    dynamic = evaluate(digits_model, data, attacks, batch_size=8, seed=3)
+    assert report.samples == 10
+    assert (report.clean_acc, report.robust_acc) == (dynamic.clean_acc, dynamic.robust_acc)
+    assert report.disagreements_clean == report.disagreements_adv == 0
 
 
 def test_cli_prints_table_and_writes_json(digits_model, tmp_path, capsys):

@@ -40,8 +40,13 @@ class Runner(abc.ABC):
         """Release what `activate` took."""
 
 
+# onnxruntime's names of the float input types a model may declare (a half-precision export)
+_ORT_FLOATS = {"tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 class OrtRunner(Runner):
-    """ONNX Runtime on the CPU (or any execution providers given)."""
+    """ONNX Runtime on the CPU (or any execution providers given); the batch is cast to the
+    type the model's input declares, the logits to float32."""
 
     name = "ort"
 
@@ -72,13 +77,15 @@ class OrtRunner(Runner):
             self.session = ort.InferenceSession(source, options, providers=self.providers)
         except Exception as error:  # ORT raises its own opaque classes
             raise GdwsError(f"onnxruntime cannot load the model: {error}") from error
-        self.input_name = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.input_dtype = _ORT_FLOATS.get(first.type, np.float32)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self.session is None:
             raise GdwsError("runner used before activate()")
-        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        return self.session.run(None, feed)[0]
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=self.input_dtype)}
+        return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
 
     def deactivate(self) -> None:
         self.session = None
