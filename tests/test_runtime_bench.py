@@ -124,6 +124,7 @@ def test_bench_compare_prints_both_blocks_and_the_ratio(models, tmp_path, capsys
         capsys, "bench", heavy, "--compare", light, *QUICK, "--rounds", "2", "--json", out
     )
     assert done.code == 0, done.err
+    assert "inputs differ" not in done.err
     assert done.out.count("=== Performance summary ===") == 2
     ratio_line = done.out.strip().splitlines()[-1]
     assert ratio_line.startswith("Throughput ratio (light.onnx / heavy.onnx): ")
@@ -133,6 +134,22 @@ def test_bench_compare_prints_both_blocks_and_the_ratio(models, tmp_path, capsys
     )
     assert report["throughput_ratio"] == pytest.approx(expected)
     assert ratio_line.endswith(f"{report['throughput_ratio']:.3f}x")
+
+
+def test_compare_of_models_with_different_inputs_warns_beside_the_ratio(models, tmp_path, capsys):
+    wide = small_cnn(tmp_path / "wide.onnx", channels=4, size=32)
+    out = tmp_path / "compare.json"
+    done = run_cli(capsys, "bench", models[0], "--compare", wide, *QUICK, "--json", out)
+    assert done.code == 0, done.err
+    warning = (
+        "Warning: inputs differ: light.onnx 1x3x16x16 vs wide.onnx 1x3x32x32: "
+        "the ratio compares different work"
+    )
+    assert done.err.splitlines() == [warning]
+    assert "Throughput ratio (wide.onnx / light.onnx): " in done.out
+    report = json.loads(out.read_text())
+    assert report["warnings"] == [warning]
+    assert report["compare"]["input_shape"] == [1, 3, 32, 32]
 
 
 @pytest.mark.parametrize(

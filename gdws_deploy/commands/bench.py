@@ -29,6 +29,7 @@ from gdws_deploy.runtime.benchmark import (
     as_json,
     benchmark,
     benchmark_pair,
+    input_mismatch,
     throughput_ratio,
 )
 from gdws_deploy.runtime.perf_summary import parse_percentiles, prolog_lines, trace_lines
@@ -114,13 +115,17 @@ def bench_command(
     report: Dict[str, Any] = as_json(results[0], str(model), backends[0], options)
     if compare is not None:
         ratio = throughput_ratio(results[0].summary, results[1].summary)
+        warning = input_mismatch([model.name, compare.name], results)
         Console().print(_comparison_table(models, backends, results))
+        if warning is not None:
+            click.echo(warning, err=True)
         click.echo(f"Throughput ratio ({compare.name} / {model.name}): {ratio:.3f}x")
         report = {
             "model": report,
             "compare": as_json(results[1], str(compare), backends[1], options),
             "throughput_ratio": ratio,
             "rounds": rounds,
+            "warnings": [] if warning is None else [warning],
         }
     if json_path is not None:
         with atomic_open(json_path) as handle:

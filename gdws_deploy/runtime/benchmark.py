@@ -25,7 +25,7 @@ from gdws_deploy.runtime.perf_summary import (
     summarize,
 )
 from gdws_deploy.runtime.runner import OrtRunner, Runner
-from gdws_deploy.runtime.shapes import Shape, inference_shape
+from gdws_deploy.runtime.shapes import Shape, format_shape, inference_shape
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,7 @@ def target_for(runner: Runner, options: BenchOptions, shapes: Mapping[str, Shape
 class BenchResult(NamedTuple):
     summary: PerformanceSummary
     trace: Trace
+    input_shape: Shape
 
 
 def _result(target: TimedTarget, trace: Trace, options: BenchOptions) -> BenchResult:
@@ -186,7 +187,7 @@ def _result(target: TimedTarget, trace: Trace, options: BenchOptions) -> BenchRe
         options.use_cuda_graph,
         target.tensorrt_version,
     )
-    return BenchResult(summary, trace)
+    return BenchResult(summary, trace, tuple(target.batch.shape))
 
 
 def benchmark(runner: Runner, options: BenchOptions, shapes: Mapping[str, Shape]) -> BenchResult:
@@ -212,7 +213,18 @@ def throughput_ratio(base: PerformanceSummary, other: PerformanceSummary) -> flo
     return (other.images_per_s or other.throughput_qps) / rate if rate else math.inf
 
 
+def input_mismatch(names: Sequence[str], results: Sequence[BenchResult]) -> Optional[str]:
+    """A warning when compared models were timed on different images (batch aside: the
+    ratio is per image), so their throughput ratio is no speed-up; None when they agree."""
+    shapes = [result.input_shape for result in results]
+    if len({shape[1:] for shape in shapes}) <= 1:
+        return None
+    listed = " vs ".join(f"{name} {format_shape(shape)}" for name, shape in zip(names, shapes))
+    return f"Warning: inputs differ: {listed}: the ratio compares different work"
+
+
 def as_json(result: BenchResult, model: str, backend: str, options: BenchOptions) -> dict:
     data = {"model": model, "backend": backend, "options": asdict(options)}
+    data["input_shape"] = list(result.input_shape)
     data.update(result.summary.as_dict())
     return data
