@@ -168,6 +168,12 @@ def test_bench_bad_flags_are_one_line_errors(models, capsys, flags, message):
     assert_one_line_error(run_cli(capsys, "bench", models[0], *QUICK, *flags), message)
 
 
+def test_bench_help_names_the_thread_count_n(capsys):
+    done = run_cli(capsys, "bench", "--help")
+    line = next(line for line in done.out.splitlines() if "--threads" in line)
+    assert line.split()[:2] == ["--threads", "N"], line
+
+
 def test_bench_refuses_missing_files_unknown_suffixes_and_engines_on_ort(tmp_path, capsys):
     assert_one_line_error(run_cli(capsys, "bench", tmp_path / "none.onnx"), "no such file")
     odd = tmp_path / "model.bin"

@@ -61,7 +61,13 @@ PERCENTILES = Parsed(lambda text, flag: parse_percentiles(text), "P1,P2,...")
 @click.option("--useCudaGraph", "use_cuda_graph", is_flag=True, help="TensorRT: CUDA graph.")
 @click.option("--noDataTransfers", "no_data_transfers", is_flag=True, help="TensorRT: no copies.")
 @click.option("--fp16", is_flag=True, help="TensorRT from ONNX: build with FP16.")
-@click.option("--threads", type=INDEX, default=0, help="onnxruntime intra-op threads.")
+@click.option(
+    "--threads",
+    type=INDEX,
+    default=0,
+    metavar="N",
+    help="onnxruntime intra-op threads [default: 0, onnxruntime's choice].",
+)
 @click.option("--verbose", is_flag=True, help="Print trtexec's trace details too.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the summary.")
 def bench_command(
