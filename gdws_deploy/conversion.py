@@ -72,7 +72,8 @@ class ConvertReport:
     """What convert did: per-Conv rows and whole-model MACs at batch 1.
 
     tuned: the backend and batch the lowerings were measured on; measured_speedup: the
-    whole converted model against the original there.
+    whole converted model against the original there. notes: what else changed, one line
+    each (an upgraded IR version).
     """
 
     target: str
@@ -84,6 +85,7 @@ class ConvertReport:
     lowering: str = "auto"
     tuned: Optional[str] = None
     measured_speedup: Optional[float] = None
+    notes: Tuple[str, ...] = ()
 
     @property
     def converted(self) -> int:
@@ -212,6 +214,12 @@ def convert(
     )
     if converted is model:
         return model, report
+    if converted.ir_version != model.ir_version:
+        note = (
+            f"IR version {model.ir_version} -> {converted.ir_version}: the rewrite adds "
+            f"initializers, which IR {model.ir_version} must also list as graph inputs"
+        )
+        report = replace(report, notes=(*report.notes, note))
     onnx_graph.verify(converted)
     if check_parity:
         report = _with_parity(report, model, converted, exact=beta == 0)

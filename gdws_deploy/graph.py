@@ -30,6 +30,8 @@ _SKELETON_MIN_BYTES = 1024
 # Conv weights GDWS factors (numpy float types, so the SVD runs in float64 on them).
 _CONVERTIBLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 _EXTERNAL_MIN_BYTES = 1024
+# The first IR version whose initializers need not be listed as graph inputs.
+_PRIVATE_INITIALIZERS_IR = 4
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ def load_model(path: Union[str, Path]) -> LoadedModel:
 def check_and_infer(model: onnx.ModelProto) -> Dict[str, TensorType]:
     """Run onnx.checker on `model` and infer the type and shape of every tensor.
 
-    GdwsError when the checker rejects the model (or weight data are missing).
+    GdwsError when the checker rejects the model (or weight data are missing). The model
+    is checked at rewritten_ir_version: an IR-3 model whose initializers are not graph
+    inputs passes, as its rewrite will be valid.
     """
     if any(True for _ in _external(model)):
         raise GdwsError("the model's external data is not loaded; pass the model's path instead")
@@ -118,6 +122,7 @@ def check_and_infer(model: onnx.ModelProto) -> Dict[str, TensorType]:
         if tensor.data_type in _FLOAT_TYPES:
             _check_tensor_size(tensor)
     skeleton = _skeleton(model)
+    skeleton.ir_version = rewritten_ir_version(model)  # checked as it will be written
     try:
         onnx.checker.check_model(skeleton)
         inferred = onnx.shape_inference.infer_shapes(skeleton)
@@ -144,12 +149,27 @@ def verify(model: onnx.ModelProto) -> None:
 
 
 def adopt_model_fields(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Give `model` every field of `original` but the graph: IR version, opsets, metadata."""
+    """Give `model` every field of `original` but the graph: opsets, metadata, and its
+    IR version as rewritten_ir_version says."""
     for field, _ in model.ListFields():
         if field.name != "graph":
             model.ClearField(field.name)
     _copy_fields(original, model, skip="graph")
+    model.ir_version = rewritten_ir_version(original)
     return model
+
+
+def rewritten_ir_version(model: onnx.ModelProto) -> int:
+    """The IR version a rewrite of `model` is written at: its own, from IR 4 on.
+
+    Below IR 4 every initializer must also be a graph input, and rewritten layers add
+    initializers; such a model comes out at the IR onnx.helper makes for its opsets, at
+    least 4 (nothing else differs between those IR versions for these models).
+    """
+    if model.ir_version >= _PRIVATE_INITIALIZERS_IR:
+        return model.ir_version
+    made = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return max(_PRIVATE_INITIALIZERS_IR, made)
 
 
 def save_model(

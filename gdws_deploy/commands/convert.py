@@ -237,6 +237,8 @@ def convert_command(
             return
     console.print(_layer_table(report))
     console.print(_totals(report))
+    for note in report.notes:
+        errors.print(f"note: {note}", markup=False, highlight=False)
     if (speedup, speed_ratio) != (None, None) and written:
         _warn_if_short(report, speedup, speed_ratio, errors)
     if not written:
