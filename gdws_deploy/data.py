@@ -44,11 +44,17 @@ class Dataset:
         return len(self.y)
 
     def limit(self, count: Optional[int]) -> Dataset:
-        """The first `count` samples (all when None)."""
+        """The first `count` samples (all when None); asking for more than there are
+        takes all of them and says so on stderr, so a result is never read as bigger."""
         if count is None:
             return self
         if count < 1:
             raise GdwsError(f"--limit must be >= 1, got {count}")
+        if count > len(self):
+            print(
+                f"--limit {count} > {len(self)} samples in {self.name}: using all {len(self)}",
+                file=sys.stderr,
+            )
         return Dataset(self.name, self.x[:count], self.y[:count])
 
     def batches(self, batch_size: int) -> Iterator[Arrays]:
