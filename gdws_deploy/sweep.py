@@ -4,16 +4,25 @@ calibrate once (loss curves or alphas, one SVD per layer) -> convert at every ta
 [search the --max-robust-drop point] -> clean and robust accuracy of every model under one
 RobustnessCheck -> throughput of every model, all timed interleaved in one run -> JSON,
 plot and converted models in one folder.
+
+Everything that can be checked is checked before any work (targets, settings, the model,
+its eligible Convs, the output folder), and the original is measured first, so a model
+the eval machinery cannot run fails in seconds. The folder is written atomically: every
+file goes to a hidden sibling folder first, which becomes --out only when the sweep has
+succeeded; a failed or interrupted sweep leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
+import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -21,12 +30,22 @@ import onnx
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.gdws import resolve_allocation
-from gdws_deploy.graph import LoadedModel, check_and_infer, count_macs, load_model, save_model
+from gdws_deploy.graph import (
+    LoadedModel,
+    check_and_infer,
+    count_macs,
+    find_convs,
+    load_model,
+    save_model,
+)
 from gdws_deploy.operating_point import OperatingPoint, check_max_drop, convert_within_drop
 from gdws_deploy.robustness import RobustnessCheck
-from gdws_deploy.sensitivity import calibration_options
+from gdws_deploy.sensitivity import SELECTION, calibration_options
+from gdws_deploy.tuning import _fixed_batch as fixed_batch
+from gdws_deploy.tuning import cost_model_for
 
 DEFAULT_MAC_REDUCTIONS = (1.5, 2.0, 3.0, 4.0)
+DEFAULT_BENCH_BATCH = 32
 JSON_NAME = "sweep.json"
 PLOT_NAME = "sweep.png"
 # progress(what is being done now)
@@ -35,15 +54,21 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """How throughput is timed: onnxruntime CPU, trtexec's loop, models interleaved."""
+    """How throughput is timed: onnxruntime CPU, trtexec's loop, models interleaved.
+    batch None: DEFAULT_BENCH_BATCH, or the model's own batch when its export fixes one."""
 
-    batch: int = 32
+    batch: Optional[int] = None
     duration_s: float = 2.0
     rounds: int = 4
     threads: int = 0  # onnxruntime's default: one per core
 
     def validate(self) -> None:
-        if self.batch < 1 or self.rounds < 1 or self.threads < 0 or not self.duration_s > 0:
+        if (
+            (self.batch is not None and self.batch < 1)
+            or self.rounds < 1
+            or self.threads < 0
+            or not self.duration_s > 0
+        ):
             raise GdwsError(
                 "bench settings need batch >= 1, rounds >= 1, threads >= 0, duration > 0"
             )
@@ -117,22 +142,30 @@ def run_sweep(
 
     check: what the accuracies are measured with; calibration: the data and attacks that
     calibrate the conversion and judge the max-robust-drop search (default: `check`).
-    convert_options: further convert() options (include, exclude, lowering, ...).
+    convert_options: further convert() options (include, exclude, lowering, ...); with
+    tune, tune_batch defaults to the bench batch.
     """
     say = progress or (lambda message: None)
     targets = _targets(mac_reductions, betas)
     resolve_allocation(allocation, has_curves=True)  # a bad name fails before any work
     if max_robust_drop is not None:
         check_max_drop(max_robust_drop)
-    bench.validate()
     loaded = load_model(model)
+    bench = _bench_for(loaded, bench)
+    convert_options = dict(convert_options or {})
+    if convert_options.get("tune") is not None:
+        convert_options.setdefault("tune_batch", bench.batch)
+    _check_conversion(loaded, convert_options)
     out = Path(out_dir)
-    paths = _output_paths(Path(model), out, targets, max_robust_drop is not None)
+    _check_output(Path(model), out, targets, max_robust_drop is not None)
     calibration = calibration or check
-    say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
     by_beta = betas is not None
-    with tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
-        convert_options = _shared_tune_cache(convert_options or {}, Path(scratch))
+    say(f"attacking original ({len(check.dataset)} samples)")
+    original = check.evaluate(model)
+    with _staged(out) as stage, tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
+        paths = _output_paths(Path(model), stage, targets)
+        convert_options = _shared_tune_cache(convert_options, Path(scratch))
+        say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
         options = {
             **convert_options,
             **calibration_options(
@@ -151,19 +184,19 @@ def run_sweep(
             max_robust_drop,
             say,
         )
-    points = _measure(models, check, bench, say)
-    result = SweepResult(
-        model=str(model),
-        allocation="lego per layer"
-        if by_beta
-        else resolve_allocation(allocation, "loss_curves" in options),
-        check=check.describe(),
-        calibration=calibration.describe(),
-        bench=bench,
-        points=tuple(points),
-        operating_point=operating_point,
-    )
-    write_sweep(result, out)
+        points = _measure(models, [original], check, bench, say)
+        result = SweepResult(
+            model=str(model),
+            allocation="lego per layer"
+            if by_beta
+            else resolve_allocation(allocation, "loss_curves" in options),
+            check=check.describe(),
+            calibration=calibration.describe(),
+            bench=bench,
+            points=tuple(_published(point, out) for point in points),
+            operating_point=operating_point,
+        )
+        write_sweep(result, stage)
     return result
 
 
@@ -225,20 +258,34 @@ def _targets(
 
 
 def _output_paths(
-    model: Path, out: Path, targets: Sequence[Tuple[str, str, float]], max_drop: bool
+    model: Path, out: Path, targets: Sequence[Tuple[str, str, float]]
 ) -> Dict[str, Any]:
-    """Every file the sweep writes, checked before any work (never the input model)."""
-    if out.exists() and not out.is_dir():
-        raise GdwsError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    """The converted models' files in `out`: one per target and the max-drop answer."""
     stem = model_stem(model)
-    names = {
+    return {
         "targets": [
             out / f"{stem}.{'beta' if key == 'beta' else 'r'}{value:g}.gdws.onnx"
             for _, key, value in targets
         ],
         "max-drop": out / f"{stem}.max-drop.gdws.onnx",
     }
+
+
+def _check_output(
+    model: Path, out: Path, targets: Sequence[Tuple[str, str, float]], max_drop: bool
+) -> None:
+    """--out is a folder or absent, its nearest existing parent writable, and no file the
+    sweep writes there is the input model."""
+    if out.exists() and not out.is_dir():
+        raise GdwsError(f"--out {out} exists and is not a folder")
+    if not out.exists():
+        parent = _existing_parent(out)
+        if not os.access(parent, os.W_OK):
+            raise GdwsError(f"cannot create --out {out}: {parent} is not writable")
+        return
+    if not os.access(out, os.W_OK):
+        raise GdwsError(f"--out {out} is not writable")
+    names = _output_paths(model, out, targets)
     for path in [
         *names["targets"],
         names["max-drop"] if max_drop else None,
@@ -247,7 +294,78 @@ def _output_paths(
     ]:
         if path is not None:
             check_output_path(path, model)
-    return names
+
+
+def _existing_parent(out: Path) -> Path:
+    """The nearest folder above `out` that exists (the staging folder goes there)."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GdwsError(f"cannot create --out {out}: {parent} is not a folder")
+    return parent
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A hidden sibling folder whose files become `out` only when the block succeeds.
+
+    A new `out` appears in one rename; into an existing one each file is moved with
+    os.replace (each file whole; files of an earlier sweep stay). On failure the staging
+    folder is removed, so nothing is left behind.
+    """
+    parent = out.parent if out.parent.is_dir() else _existing_parent(out)
+    stage = parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    stage.mkdir()
+    try:
+        yield stage
+        if out.exists():
+            for item in stage.iterdir():
+                os.replace(item, out / item.name)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _published(point: SweepPoint, out: Path) -> SweepPoint:
+    """The point with its model file where the sweep folder puts it."""
+    if point.kind == "original":
+        return point
+    return replace(point, model=str(out / Path(point.model).name))
+
+
+def _bench_for(loaded: LoadedModel, bench: BenchSettings) -> BenchSettings:
+    """The bench settings for this model: a model exported with a fixed batch (torch's
+    default) is timed at that batch; asking for another one is refused before any work."""
+    bench.validate()
+    fixed = fixed_batch(loaded.model)
+    if bench.batch is None:
+        return replace(bench, batch=fixed or DEFAULT_BENCH_BATCH)
+    if fixed is not None and bench.batch != fixed:
+        raise GdwsError(
+            f"--bench-batch {bench.batch}: the model has a fixed batch of {fixed}; "
+            f"leave --bench-batch out (or give {fixed}), or export with a dynamic batch"
+        )
+    return bench
+
+
+def _check_conversion(loaded: LoadedModel, convert_options: Mapping[str, Any]) -> None:
+    """Fail before any work on lowering and tune options that do not go together, or a
+    layer selection that leaves no Conv to rewrite."""
+    cost_model_for(
+        convert_options.get("lowering", "auto"),
+        convert_options.get("tune"),
+        convert_options.get("tune_batch"),
+        None,
+        loaded.model,
+    )
+    types = check_and_infer(loaded.model)
+    selection = {key: value for key, value in convert_options.items() if key in SELECTION}
+    convs = find_convs(loaded.model, types, count_macs(loaded.model, types), **selection)
+    if not any(layer.eligible for layer in convs):
+        raise GdwsError("the model has no Conv that GDWS can rewrite")
 
 
 def _shared_tune_cache(options: Mapping[str, Any], scratch: Path) -> Dict[str, Any]:
@@ -335,16 +453,18 @@ def _search(
 
 def _measure(
     models: Sequence[ModelEntry],
+    measured: Sequence[Any],
     check: RobustnessCheck,
     bench: BenchSettings,
     say: Progress,
 ) -> List[SweepPoint]:
-    """Accuracy of each model under `check`, then all of them timed interleaved."""
+    """Accuracy of each model under `check` (`measured`: the first models' EvalReports,
+    already taken), then all of them timed interleaved."""
     from gdws_deploy.runtime.benchmark import BenchOptions, benchmark_pair, throughput_ratio
     from gdws_deploy.runtime.runner import OrtRunner
 
-    reports = []
-    for path, label, _, _, _ in models:
+    reports = list(measured)
+    for path, label, _, _, _ in models[len(reports) :]:
         say(f"attacking {label} ({len(check.dataset)} samples)")
         reports.append(check.evaluate(path))
     say(f"timing {len(models)} models interleaved (batch {bench.batch})")

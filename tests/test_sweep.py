@@ -7,11 +7,20 @@ import json
 import numpy as np
 import onnx
 import pytest
-from digits_fixtures import export_trained_digits_cnn, torch_threads
+import torch
+from conv_models import ConvSpec, conv_chain
+from digits_fixtures import (
+    DIGITS_SHAPE,
+    export_trained_digits_cnn,
+    torch_threads,
+    trained_digits_cnn,
+)
 from matplotlib.image import imread
 from search_fixtures import quick_check
 
+from gdws_deploy.commands.sweep import sweep_command
 from gdws_deploy.data import load_dataset
+from gdws_deploy.errors import GdwsError
 from gdws_deploy.graph import check_and_infer, count_macs
 from gdws_deploy.plot import sweep_figure
 from gdws_deploy.robustness import RobustnessCheck
@@ -86,7 +95,7 @@ def test_sweep_figure_has_labelled_axes_and_a_legend(sweep):
 
 
 def test_sweep_cli_prints_the_table_and_where_things_are(digits_model, tmp_path, capsys):
-    out = tmp_path / "cli"
+    out = tmp_path / "new" / "cli"  # folders that do not exist yet are made
     with torch_threads(1):
         result = run_cli(
             capsys, "sweep", digits_model, "--dataset", "digits", "--limit", 40,
@@ -100,6 +109,7 @@ def test_sweep_cli_prints_the_table_and_where_things_are(digits_model, tmp_path,
         "digits.beta1.gdws.onnx", "digits.beta4.gdws.onnx", "sweep.json", "sweep.png",
     ]  # fmt: skip
     assert json.loads((out / "sweep.json").read_text())["allocation"] == "lego per layer"
+    assert [p.name for p in out.parent.iterdir()] == ["cli"]  # no staging folder left
 
 
 @pytest.mark.parametrize(
@@ -117,7 +127,7 @@ def test_sweep_cli_bad_input_is_one_line(digits_model, tmp_path, capsys, args, f
     out = tmp_path / "never"
     result = run_cli(capsys, "sweep", digits_model, "--out", out, *args)
     assert_one_line_error(result, fragment)
-    assert not out.exists() or not any(out.iterdir())
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sweep_refuses_an_out_that_is_a_file(digits_model, tmp_path, capsys):
@@ -133,3 +143,133 @@ def test_parameters_count_float_initializers_only():
     index = onnx.numpy_helper.from_array(np.zeros(5, np.int64), "i")
     graph = onnx.helper.make_graph([], "g", [], [], initializer=[weight, index])
     assert count_parameters(onnx.helper.make_model(graph)) == 12
+
+
+def test_sweep_failing_midway_leaves_no_folder_behind(digits_model, tmp_path):
+    """Stopped once every model is converted and attacked: nothing of it may remain."""
+
+    def stop_at_timing(message: str) -> None:
+        if message.startswith("timing"):
+            raise GdwsError("stopped before timing")
+
+    with torch_threads(1), pytest.raises(GdwsError, match="stopped before timing"):
+        run_sweep(
+            digits_model,
+            tmp_path / "sweep",
+            quick_check(),
+            mac_reductions=[2.0],
+            bench=QUICK_BENCH,
+            progress=stop_at_timing,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_failing_into_an_existing_folder_leaves_it_as_it_was(digits_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with torch_threads(1), pytest.raises(GdwsError, match="stopped"):
+        run_sweep(
+            digits_model,
+            out,
+            quick_check(),
+            mac_reductions=[2.0],
+            bench=QUICK_BENCH,
+            progress=lambda message: message.startswith("timing") and _stop(),
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def _stop() -> None:
+    raise GdwsError("stopped")
+
+
+@pytest.fixture(scope="module")
+def mirrorless_model(tmp_path_factory):
+    """Two convertible convs and a Hardmax head: onnxruntime runs it, the mirror cannot."""
+    model = conv_chain(
+        [ConvSpec(8, weights="random"), ConvSpec(8, weights="random")],
+        input_shape=(1, 8, 8),
+        dense_head=True,
+    )
+    model.graph.node[-1].output[0] = "raw_scores"
+    model.graph.node.append(onnx.helper.make_node("Hardmax", ["raw_scores"], ["scores"]))
+    path = tmp_path_factory.mktemp("mirrorless") / "hardmax.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_sweep_cli_of_a_model_the_mirror_cannot_run_is_one_line_and_leaves_nothing(
+    mirrorless_model, tmp_path, capsys
+):
+    result = run_cli(
+        capsys, "sweep", mirrorless_model, "--dataset", "digits", "--limit", 8, "--steps", 1,
+        "--mac-reductions", 2, "--out", tmp_path / "sweep",
+    )  # fmt: skip
+    assert_ends_in_one_line_error(result, "unsupported op Hardmax")
+    assert list(tmp_path.iterdir()) == []
+
+
+def assert_ends_in_one_line_error(result, fragment: str) -> None:
+    """Exit 2 and one error line, the last one; the progress lines before it are not errors."""
+    lines = result.err.strip().splitlines()
+    assert result.code == 2, result
+    assert [line for line in lines if "error" in line] == lines[-1:], result.err
+    assert lines[-1].startswith("gdws-deploy: error: ") and fragment in lines[-1], lines[-1]
+    assert "Traceback" not in result.err
+
+
+@pytest.fixture(scope="module")
+def fixed_batch_model(tmp_path_factory):
+    """The digits CNN as torch exports it by default: batch fixed to 1."""
+    path = tmp_path_factory.mktemp("fixed") / "fixed.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            trained_digits_cnn(), (torch.zeros(DIGITS_SHAPE),), str(path), dynamo=False
+        )
+    assert onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    return path
+
+
+def test_sweep_cli_of_a_fixed_batch_model_times_at_its_batch(fixed_batch_model, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    with torch_threads(1):
+        result = run_cli(
+            capsys, "sweep", fixed_batch_model, "--dataset", "digits", "--limit", 20,
+            "--eps", "0.05", "--steps", 1, "--mac-reductions", 2, "--duration", 0.05,
+            "--rounds", 1, "--threads", 1, "--out", out,
+        )  # fmt: skip
+    assert result.code == 0, result.err
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["bench"]["batch"] == 1
+    assert [p["label"] for p in record["points"]] == ["original", "2x"]
+    assert all(p["images_per_s"] > 0 for p in record["points"])
+
+
+def test_sweep_cli_refuses_another_bench_batch_for_a_fixed_batch_model_before_any_work(
+    fixed_batch_model, tmp_path, capsys
+):
+    result = run_cli(
+        capsys, "sweep", fixed_batch_model, "--dataset", "digits", "--bench-batch", 32,
+        "--out", tmp_path / "sweep",
+    )  # fmt: skip
+    assert_one_line_error(result, "--bench-batch 32: the model has a fixed batch of 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, tune",
+    [([], None), (["--tune"], "ort"), (["--tune", "ort"], "ort"), (["--tune", "trt"], "trt")],
+)
+def test_sweep_tune_takes_convert_choices_and_bare_means_ort(args, tune):
+    argv = ["m.onnx", "--dataset", "digits", *args, "--out", "o"]
+    assert sweep_command.make_context("sweep", argv).params["tune"] == tune
+
+
+def test_sweep_tune_refuses_an_unknown_backend(digits_model, tmp_path, capsys):
+    result = run_cli(
+        capsys, "sweep", digits_model, "--dataset", "digits", "--tune", "cuda",
+        "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert_one_line_error(result, "'cuda' is not one of 'ort', 'trt'")

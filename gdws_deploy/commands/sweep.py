@@ -9,7 +9,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gdws_deploy.commands.convert import LOWERING_CHOICES, WIDE_OUTPUT, allocation_option
+from gdws_deploy.commands.convert import (
+    LOWERING_CHOICES,
+    TUNE_CHOICES,
+    WIDE_OUTPUT,
+    allocation_option,
+)
 from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
 
@@ -49,12 +54,18 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--tune",
-    is_flag=True,
-    help="Time each layer's forms on onnxruntime at --bench-batch and keep the fastest, "
-    "never slower than MODEL (convert --tune ort).",
+    type=click.Choice(TUNE_CHOICES),
+    is_flag=False,
+    flag_value="ort",
+    help="Time each layer's forms on this backend at --bench-batch and keep the fastest, "
+    "never slower than MODEL, as convert --tune does (a bare --tune means ort).",
 )
 @click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
-@click.option("--bench-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--bench-batch",
+    type=click.IntRange(min=1),
+    help="Batch to time at [default: 32, or MODEL's batch when its export fixes one].",
+)
 @click.option(
     "--duration",
     type=click.FloatRange(min=0, min_open=True),
@@ -75,7 +86,12 @@ if TYPE_CHECKING:
     default=0,
     help="onnxruntime threads [default: one per core].",
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Folder [default: <stem>-sweep].")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Folder [default: <stem>-sweep]. Written atomically: the files appear there only "
+    "when the whole sweep succeeds; a failed or interrupted sweep leaves nothing behind.",
+)
 def sweep_command(
     model: Path,
     dataset: str,
@@ -96,9 +112,9 @@ def sweep_command(
     alphas: Optional[Path],
     max_robust_drop: Optional[float],
     lowering: str,
-    tune: bool,
+    tune: Optional[str],
     backend: str,
-    bench_batch: int,
+    bench_batch: Optional[int],
     duration: float,
     rounds: int,
     threads: int,
@@ -140,8 +156,7 @@ def sweep_command(
         bench=BenchSettings(bench_batch, duration, rounds, threads),
         convert_options={
             "lowering": lowering,
-            "tune": backend_named("ort", threads) if tune else None,
-            "tune_batch": bench_batch if tune else None,
+            "tune": backend_named(tune, threads if tune == "ort" else None),
         },
         progress=lambda message: errors.print(f"[dim]{message}[/]", highlight=False),
     )
