@@ -273,3 +273,13 @@ def test_sweep_tune_refuses_an_unknown_backend(digits_model, tmp_path, capsys):
         "--out", tmp_path / "o",
     )  # fmt: skip
     assert_one_line_error(result, "'cuda' is not one of 'ort', 'trt'")
+
+
+def test_sweep_of_a_model_with_no_convertible_conv_fails_before_any_work(tmp_path, capsys):
+    """One conv only, and the first conv is kept: nothing to rewrite, nothing written."""
+    path = tmp_path / "one_conv.onnx"
+    onnx.save(conv_chain([ConvSpec(10, weights="random")], input_shape=(1, 8, 8)), path)
+    out = tmp_path / "sweep"
+    result = run_cli(capsys, "sweep", path, "--dataset", "digits", "--out", out)
+    assert_one_line_error(result, "the model has no Conv that GDWS can rewrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one_conv.onnx"]
