@@ -134,8 +134,10 @@ def _unsupported_model(path):
 def test_cli_bad_input_is_one_line_and_writes_nothing(
     digits_model, tmp_path, capsys, case, extra, fragment
 ):
-    np.savez(tmp_path / "cifar.npz", x=np.zeros((2, 3, 32, 32), np.float32), y=np.zeros(2, int))
-    np.savez(tmp_path / "labels.npz", x=np.zeros((2, 1, 8, 8), np.float32), y=np.array([1, 12]))
+    np.savez(tmp_path / "cifar.npz", x=np.zeros((4, 3, 32, 32), np.float32), y=np.zeros(4, int))
+    np.savez(
+        tmp_path / "labels.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.array([1, 12, 0, 0])
+    )
     model = {"missing model": tmp_path / "absent.onnx", "unsupported op": None}.get(
         case, digits_model
     )
