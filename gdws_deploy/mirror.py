@@ -9,6 +9,12 @@ buffers) named after their ONNX names, sanitized for torch; `onnx_names` maps ba
 Semantics are those of inference: BatchNormalization uses its running statistics, Dropout
 is the identity, whatever `train()`/`eval()` says.
 
+Half-precision models are mirrored in float32: attacks need the gradients' precision, and
+the verdicts come from the real model anyway. Float16 initializers and constants are
+promoted, Cast to float16 casts to float32, float16 inputs are cast at the boundary.
+
+An empty input name is an omitted optional input, in any op: the op's callable gets None.
+
 Tensors that only describe shapes (Shape -> Gather -> Concat -> Reshape in legacy exports with
 a dynamic batch) stay small CPU tensors; the mirror moves one onto the data's device only
 where it meets data.
@@ -197,10 +203,21 @@ def _cast(info: NodeInfo) -> Compiled:
 
 
 def _torch_dtype(onnx_type: int) -> torch.dtype:
+    """The dtype the mirror computes a tensor of this ONNX type in (float16 -> float32)."""
     try:
-        return torch.from_numpy(np.empty(0, helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
+        dtype = helper.tensor_dtype_to_np_dtype(onnx_type)
+        return torch.from_numpy(np.empty(0, _computed_dtype(np.dtype(dtype)))).dtype
     except (KeyError, TypeError) as error:
         raise GdwsError(f"mirror: unsupported tensor type {onnx_type}") from error
+
+
+def _computed_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def _promoted(value: np.ndarray) -> np.ndarray:
+    """A build-time value as the mirror computes with it (float16 -> float32)."""
+    return value.astype(_computed_dtype(value.dtype), copy=False)
 
 
 @_op("Softmax")
@@ -384,6 +401,28 @@ def _batch_norm(info: NodeInfo) -> Compiled:
         return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
 
     return batch_norm
+
+
+@_op("LRN")
+def _lrn(info: NodeInfo) -> Compiled:
+    """ONNX LRN: x / (bias + alpha/size * sum of x^2 over a window of channels)^beta.
+
+    The window of channel c is [c - floor((size-1)/2), c + ceil((size-1)/2)]; torch's
+    local_response_norm centres an even window the other way, so it is not used.
+    """
+    size = int(info.attrs["size"])
+    alpha = float(info.attrs.get("alpha", 1e-4))
+    beta = float(info.attrs.get("beta", 0.75))
+    bias = float(info.attrs.get("bias", 1.0))
+    before = (size - 1) // 2
+
+    def lrn(x: torch.Tensor) -> torch.Tensor:
+        squares = x.square().reshape(x.shape[0], 1, x.shape[1], -1)  # (N, 1, C, pixels)
+        padded = F.pad(squares, (0, 0, before, size - 1 - before))
+        mean = F.avg_pool2d(padded, (size, 1), stride=1).reshape(x.shape)
+        return x / (bias + alpha * mean).pow(beta)
+
+    return lrn
 
 
 @_op("Gemm")
@@ -702,6 +741,61 @@ def _reduce(info: NodeInfo) -> Compiled:
 
 
 # ----------------------------------------------------------------------------------------
+# Control flow
+
+
+def _captured(node: onnx.NodeProto) -> List[str]:
+    """Outer tensors the node's subgraphs read, in order of first use (ONNX lets a
+    subgraph name any tensor of the enclosing scopes)."""
+    names: List[str] = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            names += _free_names(attribute.g)
+    return list(dict.fromkeys(names))
+
+
+def _free_names(graph: onnx.GraphProto) -> List[str]:
+    local = {value.name for value in graph.input} | {t.name for t in graph.initializer}
+    free = []
+    for node in graph.node:
+        free += [name for name in [*node.input, *_captured(node)] if name and name not in local]
+        local.update(node.output)
+    free += [output.name for output in graph.output if output.name not in local]
+    return free
+
+
+def _branch(graph: onnx.GraphProto, info: NodeInfo) -> OnnxMirror:
+    """A subgraph as a mirror of its own whose inputs are the outer tensors it reads, their
+    build-time values (outer constants and parameters) known to its op compilers."""
+    captured = _captured(info.node)
+    known = zip(captured, info.consts[len(info.node.input) :])
+    branch = onnx.GraphProto()
+    branch.CopyFrom(graph)
+    del branch.input[:]
+    branch.input.extend(helper.make_empty_tensor_value_info(name) for name in captured)
+    model = helper.make_model(branch, opset_imports=[helper.make_opsetid("", info.opset)])
+    return OnnxMirror(model, {name: value for name, value in known if value is not None})
+
+
+class If(nn.Module):
+    """ONNX If, e.g. the squeeze-if-the-dim-is-1 of torch exports: the branch the condition
+    picks runs at forward time; both are submodules, so their tensors move with the mirror."""
+
+    def __init__(self, info: NodeInfo) -> None:
+        super().__init__()
+        self.then_branch = _branch(info.attrs["then_branch"], info)
+        self.else_branch = _branch(info.attrs["else_branch"], info)
+
+    def forward(self, condition: torch.Tensor, *captured: torch.Tensor) -> Any:
+        return (self.then_branch if bool(condition) else self.else_branch)(*captured)
+
+
+@_op("If")
+def _if(info: NodeInfo) -> Compiled:
+    return If(info)
+
+
+# ----------------------------------------------------------------------------------------
 # Building the module
 
 
@@ -710,7 +804,9 @@ def _attributes(node: onnx.NodeProto) -> Dict[str, Any]:
     for attribute in node.attribute:
         value = helper.get_attribute_value(attribute)
         attrs[attribute.name] = (
-            numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value
+            _promoted(numpy_helper.to_array(value))
+            if isinstance(value, onnx.TensorProto)
+            else value
         )
     return attrs
 
@@ -754,13 +850,18 @@ class OnnxMirror(nn.Module):
     a node became (a `Conv` for Conv nodes).
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, known_inputs: Optional[Dict[str, np.ndarray]] = None
+    ) -> None:
+        """known_inputs: build-time values of graph inputs (a subgraph's outer constants and
+        parameters), which op compilers may read as they read initializers'; the inputs are
+        still fed at every forward."""
         super().__init__()
         self.onnx_names: Dict[str, str] = {}
         self.torch_names: Dict[str, str] = {}
         self._recording: Optional[Tuple[set, dict]] = None
         self.input_shapes: List[Tuple[Union[int, str, None], ...]] = []  # declared, per input
-        _Builder(self, model).build()
+        _Builder(self, model, known_inputs or {}).build()
 
     def tensor(self, onnx_name: str) -> torch.Tensor:
         return getattr(self, self.torch_names[onnx_name])
@@ -796,7 +897,7 @@ class OnnxMirror(nn.Module):
         for slot, name in self._tensor_slots:
             env[slot] = getattr(self, name)
         for slot, value in zip(self._input_slots, inputs):
-            env[slot] = value
+            env[slot] = value.float() if value.dtype == torch.float16 else value
         for name, (fn, ins, outs, frees) in zip(self._step_names, self._steps):
             result = fn(*[env[i] for i in ins])
             if len(outs) == 1:
@@ -816,14 +917,17 @@ class OnnxMirror(nn.Module):
 class _Builder:
     """Compiles the graph into OnnxMirror's slot table and step list."""
 
-    def __init__(self, mirror: OnnxMirror, model: onnx.ModelProto) -> None:
+    def __init__(
+        self, mirror: OnnxMirror, model: onnx.ModelProto, known_inputs: Dict[str, np.ndarray]
+    ) -> None:
         self.mirror = mirror
         self.graph = model.graph
         self.opset = _opset(model)
-        self.kinds: Dict[str, str] = {"": CONST}
-        self.values: Dict[str, np.ndarray] = {}  # build-time values (CONST and PARAM)
+        self.kinds: Dict[str, str] = {}
+        # build-time values (CONST and PARAM, and inputs known in advance)
+        self.values: Dict[str, np.ndarray] = dict(known_inputs)
         self.data_slots: Dict[str, int] = {}  # where a tensor lives at runtime on the device
-        self.host_slots: Dict[str, int] = {"": 0}  # build-time constants as CPU tensors
+        self.host_slots: Dict[str, int] = {}  # build-time constants as CPU tensors
         self.moved_slots: Dict[str, int] = {}
         self.template: List[Any] = [None]
         self.tensor_slots: List[Tuple[int, str]] = []
@@ -835,14 +939,19 @@ class _Builder:
         self.template.append(value)
         return len(self.template) - 1
 
-    def register(self, onnx_name: str, value: np.ndarray, kind: str, prefix: str = "") -> int:
-        """A parameter or buffer named after `onnx_name`, read into a slot every forward."""
+    def torch_name(self, onnx_name: str, prefix: str = "") -> str:
+        """`prefix + onnx_name` as a new attribute name of the mirror."""
         torch_name = re.sub(r"\W", "_", prefix + onnx_name)
         if not torch_name or torch_name[0].isdigit():
             torch_name = f"t_{torch_name}"
         base, suffix = torch_name, 1
         while hasattr(self.mirror, torch_name):
             torch_name, suffix = f"{base}_{suffix}", suffix + 1
+        return torch_name
+
+    def register(self, onnx_name: str, value: np.ndarray, kind: str, prefix: str = "") -> int:
+        """A parameter or buffer named after `onnx_name`, read into a slot every forward."""
+        torch_name = self.torch_name(onnx_name, prefix)
         tensor = _to_tensor(value)
         if kind == PARAM:
             self.mirror.register_parameter(torch_name, nn.Parameter(tensor))
@@ -858,7 +967,7 @@ class _Builder:
     def build(self) -> None:
         statistics = _running_statistics(self.graph)
         for initializer in self.graph.initializer:
-            value = numpy_helper.to_array(initializer)
+            value = _promoted(numpy_helper.to_array(initializer))
             floating = value.dtype.kind == "f" and initializer.name not in statistics
             self.kinds[initializer.name] = PARAM if floating else CONST
             self.values[initializer.name] = value
@@ -884,27 +993,29 @@ class _Builder:
         label = f"{node.op_type} node {step_name!r}"
         if node.domain not in ("", "ai.onnx") or node.op_type not in _OPS:
             raise GdwsError(f"mirror: unsupported op {node.op_type} in node {step_name!r}")
-        for tensor in node.input:
-            if tensor not in self.kinds:
+        inputs = [*node.input, *_captured(node)]  # a subgraph's outer reads come last
+        for tensor in inputs:
+            if tensor and tensor not in self.kinds:
                 raise GdwsError(f"mirror: {label} reads {tensor!r}, which nothing produces before")
-        consts = [self.values.get(tensor) for tensor in node.input]
+        consts = [self.values.get(tensor) for tensor in inputs]
         info = NodeInfo(node, step_name, _attributes(node), consts, self.opset)
         fn = _OPS[node.op_type](info)
-        kinds = {self.kinds[tensor] for tensor in node.input if tensor}
+        kinds = {self.kinds[tensor] for tensor in inputs if tensor}
         if kinds <= {CONST}:
-            self.fold(node, fn)
+            self.fold(inputs, node.output, fn)
             return
+        if isinstance(fn, nn.Module):
+            self.mirror.add_module(self.torch_name(step_name, "node_"), fn)
         if node.op_type in ("Shape", "Size"):
             kind = SHAPE
         else:
             kind = DATA if kinds & {DATA, PARAM} else SHAPE
         host = _HOST_INPUTS[node.op_type]
         reference = next(
-            (self.data_slots[t] for t in node.input if t and self.kinds[t] in (DATA, PARAM)), None
+            (self.data_slots[t] for t in inputs if t and self.kinds[t] in (DATA, PARAM)), None
         )
         slots = tuple(
-            self.input_slot(tensor, kind, i in host, reference)
-            for i, tensor in enumerate(node.input)
+            self.input_slot(tensor, kind, i in host, reference) for i, tensor in enumerate(inputs)
         )
         outs = []
         for tensor in node.output:
@@ -920,7 +1031,12 @@ class _Builder:
         self.step_names.append(name)
 
     def input_slot(self, name: str, kind: str, host: bool, reference: Optional[int]) -> int:
-        """The slot a node of `kind` reads tensor `name` from, moving it where needed."""
+        """The slot a node of `kind` reads tensor `name` from, moving it where needed.
+
+        An omitted optional input (empty name) reads slot 0, which always holds None.
+        """
+        if not name:
+            return 0
         source = self.kinds[name]
         if source == CONST and (host or kind == SHAPE):
             if name not in self.host_slots:
@@ -940,12 +1056,12 @@ class _Builder:
             return self.moved_slots[name]
         return self.data_slots[name]
 
-    def fold(self, node: onnx.NodeProto, fn: Compiled) -> None:
-        args = [_to_tensor(self.values[name]) if name else None for name in node.input]
+    def fold(self, inputs: Sequence[str], outputs: Sequence[str], fn: Compiled) -> None:
+        args = [_to_tensor(self.values[name]) if name else None for name in inputs]
         with torch.no_grad():
             result = fn(*args)
         results = result if isinstance(result, tuple) else (result,)
-        for name, value in zip(node.output, results):
+        for name, value in zip(outputs, results):
             self.kinds[name] = CONST
             self.values[name] = value.detach().cpu().numpy()
 

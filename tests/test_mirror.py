@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+from torch.nn import functional as F  # noqa: N812 (the torch idiom)
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.graph import node_name
@@ -317,6 +318,15 @@ CASES = {
         {"p": np.array([0, 0, 2, -1, 0, 0, -2, 2], I64)},
         dict(mode="edge"),
     ),
+    "pad_omitted_constant_value": (
+        "Pad",
+        {"x": X},
+        ["x", "p", ""],
+        {"p": np.array([0, 1, 2, 0, 0, 0, 1, 3], I64)},
+        {},
+    ),
+    "clip_omitted_min": ("Clip", {"x": X}, ["x", "", "hi"], {"hi": np.float32(0.3)}, {}),
+    "lrn_odd_size": ("LRN", {"x": X}, ["x"], {}, dict(size=3, alpha=0.5, beta=0.75, bias=2.0)),
     "identity": ("Identity", {"x": X}, ["x"], {}, {}),
     "dropout_is_identity": ("Dropout", {"x": X}, ["x"], {}, {}),
     "reduce_mean_attr_axes": ("ReduceMean", {"x": X}, ["x"], {}, dict(axes=[1, 3], keepdims=0)),
@@ -463,6 +473,102 @@ def test_dynamic_batch_shape_arithmetic_runs_at_another_batch_size(tmp_path):
     model = onnx.load(str(path))
     assert {"Shape", "Gather", "Concat", "Reshape"} <= {n.op_type for n in model.graph.node}
     assert_same_as_ort(model, {"input": _random(5, 3, 8, 8)})
+
+
+def _lrn_by_definition(x: np.ndarray, size: int, alpha: float, beta: float, bias: float):
+    """The ONNX spec, channel by channel: the window of c is [c - floor((size-1)/2),
+    c + ceil((size-1)/2)]. (onnx.reference's LRN loops over the batch axis instead.)"""
+    square_sum = np.zeros_like(x)
+    for c in range(x.shape[1]):
+        low, high = max(0, c - (size - 1) // 2), min(x.shape[1], c + size // 2 + 1)
+        square_sum[:, c] = (x[:, low:high] ** 2).sum(axis=1)
+    return x / (bias + alpha / size * square_sum) ** beta
+
+
+def test_lrn_even_size_window_follows_the_onnx_definition():
+    """onnxruntime refuses even sizes; ONNX's window reaches one channel further forward
+    than back, torch's the other way."""
+    feeds = {"x": X * 3}
+    model = single_node_model("LRN", feeds, ["x"], size=4, alpha=0.9, beta=0.6, bias=1.5)
+    (actual,) = mirror_outputs(model, feeds)
+    expected = _lrn_by_definition(feeds["x"], 4, 0.9, 0.6, 1.5)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    torch_form = F.local_response_norm(torch.from_numpy(feeds["x"]), 4, 0.9, 0.6, 1.5)
+    assert not np.allclose(actual, torch_form.numpy(), rtol=1e-3)
+
+
+def test_torch_local_response_norm_export_matches_onnxruntime(tmp_path):
+    """torch exports it as Pad (constant value omitted), AveragePool and an If-guarded
+    Squeeze; an even size exercises the window's asymmetry."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3), nn.LocalResponseNorm(4, alpha=0.3, beta=0.75, k=2.0)]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    path = export_onnx(model, tmp_path / "lrn.onnx", input_shape=(1, 3, 8, 8))
+    graph = onnx.load(str(path)).graph
+    assert any(n.op_type == "Pad" and "" in n.input for n in graph.node)
+    feeds = {"input": _random(3, 3, 8, 8) * 4}
+    (expected,) = ort_outputs(onnx.load(str(path)), feeds)
+    (actual,) = mirror_outputs(onnx.load(str(path)), feeds)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            actual, model(torch.from_numpy(feeds["input"])).numpy(), rtol=1e-4, atol=1e-5
+        )
+
+
+def _if_model() -> onnx.ModelProto:
+    """y = If(flag, then: Conv(x, w) * 2, else: x + 1 summed over channels), where the
+    branches read the outer input x and the outer initializer w."""
+    then_graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Constant", [], ["two"], value_float=2.0),
+            helper.make_node("Mul", ["c", "two"], ["then_y"]),
+        ],
+        "then",
+        [],
+        [helper.make_empty_tensor_value_info("then_y")],
+    )
+    else_graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "one"], ["shifted"]),
+            helper.make_node("ReduceSum", ["shifted", "axes"], ["else_y"]),
+        ],
+        "else",
+        [],
+        [helper.make_empty_tensor_value_info("else_y")],
+        [
+            numpy_helper.from_array(np.float32(1.0), "one"),
+            numpy_helper.from_array(np.array([1], I64), "axes"),
+        ],
+    )
+    node = helper.make_node(
+        "If", ["flag"], ["y"], then_branch=then_graph, else_branch=else_graph, name="the_if"
+    )
+    graph = helper.make_graph(
+        [node],
+        "if",
+        [
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 6]),
+        ],
+        [helper.make_empty_tensor_value_info("y")],
+        [numpy_helper.from_array(_random(1, 4, 3, 3), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_if_runs_the_branch_its_condition_picks(flag: bool):
+    feeds = {"flag": np.array(flag), "x": X}
+    assert_same_as_ort(_if_model(), feeds)
+
+
+def test_outer_initializer_read_in_a_branch_gets_its_gradient():
+    mirror = OnnxMirror(_if_model())
+    mirror(torch.tensor(True), torch.from_numpy(X)).square().sum().backward()
+    weight = mirror.tensor("w")
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
 @pytest.fixture(scope="module")
