@@ -179,7 +179,7 @@ def test_cli_prints_table_and_writes_json(digits_model, tmp_path, capsys):
     ],
 )
 def test_cli_bad_input_is_one_line(digits_model, tmp_path, capsys, extra, fragment):
-    np.savez(tmp_path / "cifar.npz", x=np.zeros((2, 3, 32, 32), np.float32), y=np.zeros(2, int))
+    np.savez(tmp_path / "cifar.npz", x=np.zeros((4, 3, 32, 32), np.float32), y=np.zeros(4, int))
     args = [a.format(tmp=tmp_path, model=digits_model) for a in extra]
     if "--dataset" not in args:
         args += ["--dataset", "digits"]
