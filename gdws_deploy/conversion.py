@@ -7,7 +7,9 @@ LEGO (beta), MEGO (budget) or a whole-model MAC allocation (gdws.ALLOCATIONS) ->
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -39,6 +41,15 @@ if TYPE_CHECKING:
 
 # At beta = 0 the rewrite is exact up to float rounding: parity beyond this is a failure.
 EXACT_PARITY_LIMIT = 1e-4
+# Why an eligible layer stayed dense when even one kernel costs as much as the dense conv.
+NO_GAIN = "GDWS form would not reduce its MACs"
+# Conv names and skip reasons an error message lists at most.
+_NAMES_SHOWN = 5
+_REASONS_SHOWN = 2
+# graph.find_convs' skip reasons: Convs GDWS has nothing to factor in, Convs whose weights
+# are not constants.
+_STRUCTURAL = ("grouped conv", "1x1 kernel")
+_RUN_TIME_WEIGHTS = ("weight is a graph input", "weight computed at run time", "quantized weight")
 
 ModelSource = Union[str, Path, onnx.ModelProto, onnx_graph.LoadedModel]
 AlphaSource = Union[str, Path, Mapping[str, np.ndarray], None]
@@ -73,7 +84,8 @@ class ConvertReport:
 
     tuned: the backend and batch the lowerings were measured on; measured_speedup: the
     whole converted model against the original there. notes: what else changed, one line
-    each (an upgraded IR version).
+    each (an upgraded IR version). already_met: the original meets the target (a MAC
+    reduction or speed-up of 1), so nothing was rewritten by design.
     """
 
     target: str
@@ -86,6 +98,7 @@ class ConvertReport:
     tuned: Optional[str] = None
     measured_speedup: Optional[float] = None
     notes: Tuple[str, ...] = ()
+    already_met: bool = False
 
     @property
     def converted(self) -> int:
@@ -133,7 +146,9 @@ def convert(
     Exactly one target: `beta` (per-layer LEGO error bound), `budget` (per-layer MEGO
     kernel count) or `mac_reduction` (whole model R times fewer MACs, least error).
     alphas: npz path or mapping, Conv node name -> (C,) channel weights. When no layer
-    is rewritten the original model comes back. At beta = 0, parity worse than 1e-4 raises.
+    is rewritten the original model comes back (report.already_met says whether the
+    target asked for nothing); when no Conv is eligible at all, GdwsError says why. At
+    beta = 0, parity worse than 1e-4 raises.
     lowering: auto, gather, pad, fold or dense (see gdws_deploy.lowering); tune: "ort",
     "trt" or a measure.Backend to time the forms on (auto only), at `tune_batch`
     (default: the model's fixed batch, else 1), times kept in the `tune_cache` JSON file.
@@ -161,6 +176,18 @@ def convert(
     macs = onnx_graph.count_macs(model, types)
     convs = onnx_graph.find_convs(model, types, macs, all_layers, include, exclude)
     eligible = [layer for layer in convs if layer.eligible]
+    report = functools.partial(
+        ConvertReport,
+        target=target,
+        macs_before=sum(macs.values()),
+        lowering=lowering,
+        tuned=costs and costs.describe(),
+    )
+    if _already_met(mac_reduction, goal):
+        rows = [_row(layer, None, None, "target already met") for layer in convs]
+        return model, report(layers=tuple(rows), macs_after=sum(macs.values()), already_met=True)
+    if not eligible:
+        raise _nothing_eligible(convs, include)
     weights = _alphas(alphas, eligible)
     aimed = mac_reduction is not None or goal is not None
     rule = _rule(allocation, weights, loss_curves, goal is not None) if aimed else None
@@ -201,15 +228,12 @@ def convert(
             converted = tuning.lower_model(model, chosen, types, forms)
     if costs is not None:
         costs.cache.save()
-    rows = [_row(layer, factors.get(layer.index), forms.get(layer.name)) for layer in convs]
-    report = ConvertReport(
-        target=target,
+    dense = _left_dense(target, aimed, goal is not None)
+    rows = [_row(layer, factors.get(layer.index), forms.get(layer.name), dense) for layer in convs]
+    report = report(
         layers=tuple(rows),
-        macs_before=sum(macs.values()),
         macs_after=sum(macs.values()) - sum(row.macs_before - row.macs_after for row in rows),
         allocation=rule,
-        lowering=lowering,
-        tuned=costs and costs.describe(),
         measured_speedup=measured,
     )
     if converted is model:
@@ -231,8 +255,11 @@ def convert_file(
 ) -> Tuple[ConvertReport, bool]:
     """convert() from file to file, stored as the source was (external data or not).
 
-    Returns the report and whether `output` was written (not when nothing converts).
-    The output path is checked before any work; the input is never modified.
+    `output` is always written when this returns: the GDWS model, or the source unchanged
+    when it already meets the target (report.already_met). Returns the report and whether
+    `output` holds a rewritten model. GdwsError, nothing written, when no Conv could move
+    toward the target. The output path is checked before any work; the input is never
+    modified.
     """
     _target(
         *(options.get(n) for n in ("beta", "budget", "mac_reduction", "speedup", "speed_ratio"))
@@ -240,10 +267,10 @@ def convert_file(
     check_output_path(output, source)
     loaded = onnx_graph.load_model(source)
     model, report = convert(loaded, **options)
-    if not report.converted:
-        return report, False
+    if not report.converted and not report.already_met:
+        raise _nothing_rewritten(report)
     onnx_graph.save_model(model, output, like=loaded)
-    return report, True
+    return report, bool(report.converted)
 
 
 def _load(source: ModelSource) -> onnx_graph.LoadedModel:
@@ -296,6 +323,48 @@ def _target(
     if mac_reduction is not None and not (np.isfinite(mac_reduction) and mac_reduction >= 1):
         raise GdwsError(f"MAC reduction must be a finite number >= 1, got {mac_reduction}")
     return " ".join(f"{name}={value:g}" for name, value in {**given, **goals}.items())
+
+
+def _already_met(mac_reduction: Optional[float], goal: Optional[SpeedGoal]) -> bool:
+    """Whether the original model meets the target as it is: it asks for 1x."""
+    if mac_reduction is None and goal is None:
+        return False
+    return (mac_reduction is None or mac_reduction <= 1) and (goal is None or goal.wanted(1) <= 1)
+
+
+def _nothing_eligible(convs: Sequence[onnx_graph.ConvLayer], include: Sequence[str]) -> GdwsError:
+    """Why no target could rewrite anything, in one line."""
+    if not convs:
+        return GdwsError("the model has no Conv: nothing for GDWS to do")
+    names = [layer.name for layer in convs]
+    if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
+        shown = ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
+        return GdwsError(f"--include matched no Conv (names are: {shown})")
+    kinds = Counter(layer.skipped.split(" (")[0] for layer in convs)
+    counted = ", ".join(f"{count} x {kind}" for kind, count in kinds.most_common())
+    if all(kind.startswith(_STRUCTURAL) for kind in kinds):
+        return GdwsError("all Convs are depthwise, grouped or 1x1: nothing for GDWS to do")
+    if all(kind.startswith(_RUN_TIME_WEIGHTS) for kind in kinds):
+        return GdwsError(f"no Conv has constant weights ({counted}): nothing GDWS can factor")
+    hint = "; --all-layers converts the first" if "first conv" in kinds else ""
+    return GdwsError(f"no Conv GDWS can rewrite ({counted}){hint}")
+
+
+def _nothing_rewritten(report: ConvertReport) -> GdwsError:
+    """Eligible Convs, none rewritten: the target cannot be moved toward; the commonest
+    reasons why."""
+    reasons = Counter(row.skipped for row in report.layers).most_common(_REASONS_SHOWN)
+    why = "; ".join(f"{count} x {reason}" for reason, count in reasons)
+    return GdwsError(f"no Conv was rewritten at {report.target} ({why}): nothing written")
+
+
+def _left_dense(target: str, aimed: bool, speed_goal: bool) -> str:
+    """Why an eligible layer one kernel would shrink got no factors, by the target's kind."""
+    if speed_goal:
+        return "left dense by the speed plan"
+    if aimed:
+        return "left dense by the allocation (dense is cheaper than the kernels it was given)"
+    return f"the kernels {target} keeps cost no fewer MACs than the dense conv"
 
 
 def _alphas(source: AlphaSource, layers: Sequence[onnx_graph.ConvLayer]) -> Dict[str, np.ndarray]:
@@ -436,8 +505,12 @@ def _cost(layer: onnx_graph.ConvLayer) -> LayerCost:
 
 
 def _row(
-    layer: onnx_graph.ConvLayer, factors: Optional[GdwsFactors], form: Optional[Choice]
+    layer: onnx_graph.ConvLayer,
+    factors: Optional[GdwsFactors],
+    form: Optional[Choice],
+    left_dense: str,
 ) -> LayerReport:
+    """The layer's report row; left_dense: why an eligible layer without factors is dense."""
     lowering, speedup = (form.lowering, form.speedup) if form else (None, None)
     if factors is not None and lowering != "dense":
         after = factors.kernels * _cost(layer).kernel_macs
@@ -451,7 +524,9 @@ def _row(
             lowering=lowering,
             speedup=speedup,
         )
-    reason = layer.skipped or "GDWS form would not reduce its MACs"
+    reason = layer.skipped
+    if reason is None:
+        reason = NO_GAIN if layer.kernel_macs >= layer.macs else left_dense
     if form is not None:
         reason = f"kept dense: {form.reason}"
     return LayerReport(

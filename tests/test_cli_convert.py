@@ -125,18 +125,70 @@ def test_many_layers_convert_quietly_when_not_on_a_terminal(capsys, tmp_path):
     assert source.with_name("deep.gdws.onnx").exists()
 
 
-def test_no_eligible_conv_warns_exits_zero_and_writes_nothing(capsys, tmp_path):
+# Models no target can rewrite, and the one line that says why.
+NOTHING_ELIGIBLE = [
+    (  # MobileNetV2-like: depthwise 3x3 and pointwise 1x1 only
+        [ConvSpec(8, group=4, pads=(1, 1, 1, 1)), ConvSpec(8, kernel=(1, 1))] * 2,
+        [],
+        "all Convs are depthwise, grouped or 1x1: nothing for GDWS to do",
+    ),
+    (
+        [ConvSpec(8, name="stem"), ConvSpec(8, name="body")],
+        ["--include", "head*"],
+        "--include matched no Conv (names are: stem, body)",
+    ),
+    (
+        [ConvSpec(8, source="input"), ConvSpec(8, source="input")],
+        [],
+        "no Conv has constant weights (2 x weight is a graph input)",
+    ),
+]
+
+
+@pytest.mark.parametrize("specs, flags, message", NOTHING_ELIGIBLE)
+def test_no_eligible_conv_fails_in_one_line_and_writes_nothing(
+    capsys, tmp_path, specs, flags, message
+):
+    source = tmp_path / "net.onnx"
+    onnx.save(conv_chain(specs), str(source))
+    before = files(tmp_path)
+    for target in (["--beta", "0"], ["--mac-reduction", "2"]):
+        code, _, err = gdws_deploy(
+            capsys, "convert", source, *target, *flags, "--report", tmp_path / "r.json"
+        )
+        assert_one_line_error(code, err, message)
+        assert files(tmp_path) == before
+
+
+def test_eligible_convs_none_worth_rewriting_fail_in_one_line(capsys, tmp_path):
     source = tmp_path / "dense.onnx"
     onnx.save(
         conv_chain([ConvSpec(8, weights="random"), ConvSpec(8, weights="random")]), str(source)
     )
     before = files(tmp_path)
-    code, _, err = gdws_deploy(
-        capsys, "convert", source, "--beta", "0", "--report", tmp_path / "r.json"
-    )
-    assert code == 0
-    assert "warning" in err and "nothing written" in err
+    code, _, err = gdws_deploy(capsys, "convert", source, "--beta", "0")
+    assert_one_line_error(code, err, "no Conv was rewritten at beta=0")
+    assert "kernels beta=0 keeps cost no fewer MACs" in err and "nothing written" in err
     assert files(tmp_path) == before
+
+
+def test_target_already_met_writes_the_model_unchanged(capsys, model_file):
+    output = model_file.with_name("net.gdws.onnx")
+    code, out, err = gdws_deploy(capsys, "convert", model_file, "--mac-reduction", "1")
+    assert code == 0, err
+    written, original = onnx.load(str(output)), onnx.load(str(model_file))
+    assert written.SerializeToString() == original.SerializeToString()
+    assert f"target already met (mac_reduction=1): wrote {output} unchanged" in out
+    assert "0 Conv(s) rewritten" in out and "target already met" in out.split("body")[1]
+
+
+def test_existing_output_is_replaced_and_the_line_says_so(capsys, model_file):
+    output = model_file.with_name("net.gdws.onnx")
+    output.write_bytes(b"an older result")
+    code, out, err = gdws_deploy(capsys, "convert", model_file, "--beta", "0")
+    assert code == 0, err
+    assert f"replaced {output}" in out and "wrote" not in out
+    onnx.checker.check_model(onnx.load(str(output)), full_check=True)
 
 
 BAD_FLAGS = [

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 from gdws_deploy import convert
 from gdws_deploy.conversion import convert_file
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.gdws import SpectraCache
 from gdws_deploy.graph import check_and_infer, count_macs, external_data_path
 from tests.conv_models import INPUT, OUTPUT, ConvSpec, conv_chain, conv_weight, node_names, run
 
@@ -171,14 +172,55 @@ def test_mac_reduction_reaches_the_target_counted_on_the_output():
         convert(model, mac_reduction=50.0, check_parity=False)
 
 
-def test_budget_caps_every_layer_and_unprofitable_layers_stay_dense():
-    specs = [ConvSpec(2, weights="random"), ConvSpec(16, weights="random")]
-    converted, report = convert(conv_chain(specs, (2, 8, 8)), budget=5, all_layers=True)
-    small, big = report.layers
+def test_budget_caps_every_layer_and_unprofitable_layers_stay_dense_saying_why():
+    specs = [ConvSpec(1, weights="random"), ConvSpec(2, weights="random"), ConvSpec(16)]
+    converted, report = convert(conv_chain(specs, (1, 8, 8)), budget=5, all_layers=True)
+    single, small, big = report.layers
     assert big.kernels == 5 and big.error > 0
-    # 2 -> 2 channels: at most 4 kernels, 4 * (9 + 2) MACs per pixel >= 2 * 2 * 9 dense
-    assert small.kernels is None and small.skipped == "GDWS form would not reduce its MACs"
-    assert "conv0" in node_names(converted)
+    # 1 -> 1 channel: one kernel costs 9 + 1 MACs per pixel, more than 9 dense
+    assert single.kernels is None and single.skipped == "GDWS form would not reduce its MACs"
+    # 1 -> 2 channels: one kernel (9 + 2) would pay, the 2 budget=5 keeps (22) do not (18)
+    assert small.kernels is None
+    assert small.skipped == "the kernels budget=5 keeps cost no fewer MACs than the dense conv"
+    assert {"conv0", "conv1"} <= set(node_names(converted))
+
+
+def test_allocation_says_it_left_a_layer_dense():
+    specs = [ConvSpec(16, weights=w, pads=(1, 1, 1, 1)) for w in ("random", "random", "rank2")]
+    _, report = convert(conv_chain(specs, (8, 8, 8)), mac_reduction=1.1, check_parity=False)
+    _, full_rank, low_rank = report.layers
+    assert full_rank.skipped == (
+        "left dense by the allocation (dense is cheaper than the kernels it was given)"
+    )
+    assert low_rank.kernels == 2 * 16 and report.reduction >= 1.1
+
+
+def test_mac_reduction_one_is_met_by_the_original_and_changes_nothing():
+    model = conv_chain([ConvSpec(16, weights="random", pads=(1, 1, 1, 1)) for _ in range(3)])
+    cache = SpectraCache()
+    converted, report = convert(model, mac_reduction=1.0, spectra_cache=cache)
+    assert converted is model and report.already_met and cache.computed == 0
+    assert report.converted == 0 and report.reduction == 1.0 and report.parity is None
+    assert [row.skipped for row in report.layers][1:] == ["target already met"] * 2
+
+
+def test_convert_file_writes_its_output_or_raises(tmp_path):
+    """Returned means written: the rewrite, or the source unchanged when it meets the
+    target; a run that cannot move toward its target raises and writes nothing."""
+    source, output = tmp_path / "net.onnx", tmp_path / "out.onnx"
+    onnx.save(conv_chain([ConvSpec(8, weights="random"), ConvSpec(8)]), str(source))
+    report, rewritten = convert_file(source, output, budget=4)
+    assert rewritten and report.converted == 1 and output.exists()
+    output.unlink()
+    report, rewritten = convert_file(source, output, mac_reduction=1.0)
+    assert not rewritten and report.already_met
+    assert onnx.load(str(output)).SerializeToString() == onnx.load(str(source)).SerializeToString()
+    output.unlink()
+    with pytest.raises(GdwsError, match="no Conv was rewritten at beta=0"):
+        convert_file(source, output, beta=0.0, include=["conv0"], all_layers=True)
+    with pytest.raises(GdwsError, match="--include matched no Conv"):
+        convert_file(source, output, beta=0.0, include=["head"])
+    assert not output.exists()
 
 
 def test_nothing_to_convert_returns_the_original_model():
@@ -187,7 +229,7 @@ def test_nothing_to_convert_returns_the_original_model():
     assert converted is model
     assert report.converted == 0 and report.parity is None
     assert report.macs_after == report.macs_before and report.reduction == 1.0
-    assert report.layers[1].skipped == "GDWS form would not reduce its MACs"
+    assert report.layers[1].skipped.startswith("the kernels beta=0 keeps cost no fewer MACs")
 
 
 def test_grouped_and_quantized_convs_are_left_as_they_are():

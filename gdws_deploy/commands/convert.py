@@ -215,9 +215,10 @@ def convert_command(
     if not console.is_terminal:  # logs and pipes: keep whole layer names on one line
         console.width = max(console.width, WIDE_OUTPUT)
     search = None
+    existed = output.exists()
     if dataset is None:
         with LayerProgress(errors) as progress:
-            report, written = _convert_file(
+            report, rewritten = _convert_file(
                 model, output, beta, budget, mac_reduction, not no_parity, progress, options
             )
     else:
@@ -225,34 +226,34 @@ def convert_command(
 
         attacks = attacks_from(attack_names, eps, steps, step_size, restarts)
         check = robustness_check(dataset, limit, batch_size, mean, std, seed, "ort", attacks)
-        search, report, written = _calibrated(
+        search, report, rewritten = _calibrated(
             model, output, check, max_robust_drop, mac_reduction, not no_parity, options, errors
         )
         if search is not None:
             console.print(search_table(search))
         if report is None:
-            errors.print(
-                "[yellow]warning:[/] no MAC reduction keeps the robust drop; nothing written"
+            raise GdwsError(
+                f"no MAC reduction keeps the robust drop within {max_robust_drop:g}: "
+                "nothing written"
             )
-            return
     console.print(_layer_table(report))
     console.print(_totals(report))
     for note in report.notes:
         errors.print(f"note: {note}", markup=False, highlight=False)
-    if (speedup, speed_ratio) != (None, None) and written:
+    if (speedup, speed_ratio) != (None, None) and rewritten:
         _warn_if_short(report, speedup, speed_ratio, errors)
-    if not written:
-        errors.print(
-            f"[yellow]warning:[/] no Conv of {escape(str(model))} was rewritten; nothing written"
-        )
-        return
     if report_path is not None:
         with atomic_open(report_path) as handle:
             record = {**report.to_dict(), "input": str(model), "output": str(output)}
             if search is not None:
                 record["search"] = search.to_dict()
             json.dump(record, handle, indent=2)
-    console.print(f"wrote {output}", markup=False, highlight=False)
+    verb = "replaced" if existed else "wrote"
+    if report.already_met:
+        done = f"target already met ({report.target}): {verb} {output} unchanged"
+    else:
+        done = f"{verb} {output}"
+    console.print(done, markup=False, highlight=False)
 
 
 def _check_calibration(
@@ -320,7 +321,10 @@ def _calibrated(
     options: dict,
     errors: Console,
 ) -> Tuple[Optional[OperatingPoint], Optional[ConvertReport], bool]:
-    """A MAC target calibrated on data: fixed, or searched for --max-robust-drop."""
+    """A MAC target calibrated on data: fixed, or searched for --max-robust-drop.
+
+    The search, the report (None: no target keeps the drop) and whether the output holds
+    a rewritten model."""
     from gdws_deploy.operating_point import convert_within_drop
     from gdws_deploy.sensitivity import calibration_options
 
@@ -339,10 +343,10 @@ def _calibrated(
         )
     )
     if max_robust_drop is None:
-        report, written = _convert_file(
+        report, rewritten = _convert_file(
             model, output, None, None, mac_reduction, parity, None, options
         )
-        return None, report, written
+        return None, report, rewritten
 
     def said(probe) -> None:
         if probe.drop is not None:
@@ -351,7 +355,7 @@ def _calibrated(
     search, report = convert_within_drop(
         model, output, max_robust_drop, check, options, on_probe=said, check_parity=parity
     )
-    return search, report, report is not None
+    return search, report, report is not None and report.converted > 0
 
 
 class LayerProgress:
