@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -168,7 +169,7 @@ def convert(
     goal = None
     if speedup is not None or speed_ratio is not None:
         if costs is None:
-            raise GdwsError("a speed goal is measured: give --tune (tune=) too")
+            raise GdwsError("a speed goal is measured: give a backend to tune on too")
         from gdws_deploy.speed_target import SpeedGoal
 
         goal = SpeedGoal(speedup, speed_ratio)
@@ -390,10 +391,14 @@ def _alphas(source: AlphaSource, layers: Sequence[onnx_graph.ConvLayer]) -> Dict
 
 
 def _read_npz(path: Union[str, Path]) -> Dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise GdwsError(f"cannot read alphas from {path}: no such file")
+    if not zipfile.is_zipfile(path):  # np.load would try it as .npy, then as a pickle
+        raise GdwsError(f"cannot read alphas from {path}: not an npz archive (numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files if not key.startswith("__")}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise GdwsError(f"cannot read alphas from {path}: {error}") from error
 
 

@@ -197,12 +197,18 @@ BAD_FLAGS = [
     (["--mac-reduction", "0.5"], "MAC reduction must be a finite number >= 1"),
     (["--budget", "0"], "budget must be a whole number"),
     (["--beta", "0", "--mac-reduction", "2"], "give exactly one of beta, budget, mac_reduction"),
-    (["--alphas", "missing.npz", "--beta", "0"], "cannot read alphas"),
+    (["--alphas", "missing.npz", "--beta", "0"], "cannot read alphas from missing.npz: no such"),
+    (["--alphas", "alphas.txt", "--beta", "0"], "alphas.txt: not an npz archive"),
+    (["--speedup", "1.5"], "--speedup and --speed-ratio are measured: give --tune ort|trt"),
 ]
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS)
-def test_bad_flags_fail_in_one_line_and_write_nothing(capsys, model_file, flags, message):
+def test_bad_flags_fail_in_one_line_and_write_nothing(
+    capsys, model_file, flags, message, monkeypatch
+):
+    monkeypatch.chdir(model_file.parent)
+    Path("alphas.txt").write_text("conv0 1.0 0.5\n")
     before = files(model_file.parent)
     code, _, err = gdws_deploy(capsys, "convert", model_file, *flags)
     assert_one_line_error(code, err, message)

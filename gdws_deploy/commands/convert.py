@@ -190,6 +190,8 @@ def convert_command(
     _check_calibration(max_robust_drop, dataset, beta, budget, mac_reduction)
     if (speedup, speed_ratio) != (None, None) and max_robust_drop is not None:
         raise GdwsError("a speed goal and --max-robust-drop's MAC search do not mix: give one")
+    if (speedup, speed_ratio) != (None, None) and tune is None:
+        raise GdwsError("--speedup and --speed-ratio are measured: give --tune ort|trt too")
     if beta is None and budget is None and mac_reduction is None and speedup is None:
         mac_reduction = DEFAULT_MAC_REDUCTION
     output = output or model.with_name(f"{model.stem}.gdws.onnx")
