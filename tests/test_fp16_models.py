@@ -118,3 +118,18 @@ def test_cli_alphas_of_a_half_model(half_model, tmp_path, capsys):
     for conv in convs:
         assert alphas[conv.name].shape == (conv.weight_shape[1],)
         assert np.isfinite(alphas[conv.name]).all() and (alphas[conv.name] > 0).all()
+
+
+def test_cli_sweep_of_a_half_model_measures_every_point(half_model, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    result = run_cli(
+        capsys,
+        *("sweep", half_model, "--dataset", "digits", "--limit", "32", "--steps", "2"),
+        *("--mac-reductions", "1.5", "--duration", "0.1", "--rounds", "1", "--out", out),
+    )
+    assert result.code == 0, result.err
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert [point["label"] for point in points] == ["original", "1.5x"]
+    converted = onnx.load(points[1]["model"])
+    assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert all(0 < point["robust_acc"] <= point["clean_acc"] for point in points)
