@@ -314,8 +314,7 @@ def _staged(out: Path) -> Iterator[Path]:
     os.replace (each file whole; files of an earlier sweep stay). On failure the staging
     folder is removed, so nothing is left behind.
     """
-    parent = out.parent if out.parent.is_dir() else _existing_parent(out)
-    stage = parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    stage = _existing_parent(out) / f".{out.name}.partial-{secrets.token_hex(4)}"
     stage.mkdir()
     try:
         yield stage
