@@ -78,7 +78,10 @@ def test_no_target_means_the_default_mac_reduction(capsys, tmp_path):
     onnx.save(conv_chain(specs, (8, 8, 8)), str(source))
     code, out, _ = gdws_deploy(capsys, "convert", source, "--no-parity")
     assert code == 0
-    assert "mac_reduction=2" in out and "parity (max relative output deviation) not checked" in out
+    assert (
+        "mac_reduction=2" in out
+        and "parity (max relative output deviation vs MODEL in onnxruntime) not checked" in out
+    )
     code, out, _ = gdws_deploy(capsys, "convert", "--help")
     assert code == 0 and "--mac-reduction" in out and "default: 2" in out
 
@@ -281,3 +284,16 @@ def test_help_prints_percent_signs_once(capsys):
     code, out, _ = gdws_deploy(capsys, "convert", "--help")
     assert code == 0
     assert "80 % of its share" in " ".join(out.split()) and "%%" not in out
+
+
+def test_large_parity_deviation_warns_in_one_line_and_small_does_not(capsys, tmp_path):
+    source = tmp_path / "dense.onnx"
+    onnx.save(conv_chain([ConvSpec(8, weights="random") for _ in range(2)]), str(source))
+    code, out, err = gdws_deploy(capsys, "convert", source, "--budget", "1")
+    assert code == 0 and "wrote" in out
+    assert float(out.split("onnxruntime) ")[1].split()[0]) > 0.05
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: outputs deviate from MODEL's by")
+    onnx.save(conv_chain([ConvSpec(8), ConvSpec(8)]), str(source))  # exactly low rank
+    code, _, err = gdws_deploy(capsys, "convert", source, "--beta", "0")
+    assert code == 0 and err == ""

@@ -241,7 +241,8 @@ def convert_command(
     console.print(_layer_table(report))
     console.print(_totals(report))
     for note in report.notes:
-        errors.print(f"note: {note}", markup=False, highlight=False)
+        errors.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    _warn_if_deviating(report, errors)
     if (speedup, speed_ratio) != (None, None) and rewritten:
         _warn_if_short(report, speedup, speed_ratio, errors)
     if report_path is not None:
@@ -299,6 +300,18 @@ def _convert_file(model, output, beta, budget, mac_reduction, parity, progress, 
     )
 
 
+def _warn_if_deviating(report: ConvertReport, errors: Console) -> None:
+    """One line on stderr when the converted model's outputs moved far from MODEL's."""
+    from gdws_deploy.parity import PARITY_WARNING
+
+    if report.parity is not None and report.parity > PARITY_WARNING:
+        errors.print(
+            f"[yellow]warning:[/] outputs deviate from MODEL's by {report.parity:.3g} of their "
+            f"range (over {PARITY_WARNING:g}): check accuracy with gdws-deploy eval",
+            soft_wrap=True,
+        )
+
+
 def _warn_if_short(
     report: ConvertReport, speedup: Optional[float], speed_ratio: Optional[float], errors: Console
 ) -> None:
@@ -309,7 +322,8 @@ def _warn_if_short(
     if report.measured_speedup < wanted:
         errors.print(
             f"[yellow]warning:[/] measured {report.measured_speedup:.2f}x, short of the "
-            f"{wanted:.2f}x asked (layer times measured in the whole model add up only roughly)"
+            f"{wanted:.2f}x asked (layer times measured in the whole model add up only roughly)",
+            soft_wrap=True,
         )
 
 
@@ -418,7 +432,7 @@ def _totals(report: ConvertReport) -> str:
     totals = (
         f"total MACs {_macs(report.macs_before)} -> {_macs(report.macs_after)} "
         f"({report.reduction:.2f}x fewer), {report.converted} Conv(s) rewritten, "
-        f"parity (max relative output deviation) {parity}"
+        f"parity (max relative output deviation vs MODEL in onnxruntime) {parity}"
     )
     if report.measured_speedup is not None:
         totals += f"\nmeasured {report.measured_speedup:.2f}x faster than MODEL on {report.tuned}"
