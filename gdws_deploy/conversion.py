@@ -58,6 +58,8 @@ AlphaSource = Union[str, Path, Mapping[str, np.ndarray], None]
 TuneSource = Union[str, "Backend", None]
 # progress(done, total, layer name), called after each layer is factored.
 Progress = Callable[[int, int, str], None]
+# stage(what starts now): loading, factoring N Convs, rewriting, checking parity, saving.
+Stage = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ def convert(
     exclude: Sequence[str] = (),
     check_parity: bool = True,
     progress: Optional[Progress] = None,
+    stage: Optional[Stage] = None,
     lowering: str = "auto",
     tune: TuneSource = None,
     tune_batch: Optional[int] = None,
@@ -156,7 +159,8 @@ def convert(
     With a MAC-reduction target, layers tuning keeps dense free their share for the rest.
     allocation: how a MAC-reduction target shares kernels across layers (gdws.ALLOCATIONS;
     "auto": "measured" given `loss_curves` from gdws_deploy.sensitivity, else "relative").
-    spectra_cache: reuse SVDs across calls on the same model.
+    spectra_cache: reuse SVDs across calls on the same model. progress and stage: called
+    as layers are factored and as each step starts (a large model takes seconds).
     speedup: at least this many times faster on the tune backend (gdws_deploy.speed_target;
     needs tune), alone or with `mac_reduction`; speed_ratio: instead, a speed-up at least
     this times the MAC reduction reached (with `mac_reduction`).
@@ -192,7 +196,9 @@ def convert(
     weights = _alphas(alphas, eligible)
     aimed = mac_reduction is not None or goal is not None
     rule = _rule(allocation, weights, loss_curves, goal is not None) if aimed else None
+    say = stage or _quiet
     cache = spectra_cache if spectra_cache is not None else SpectraCache()
+    say(f"factoring {len(eligible)} Conv(s)")
     spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress, cache)))
     plan = functools.partial(
         _plan,
@@ -205,6 +211,7 @@ def convert(
         curves=loss_curves or {},
     )
     measured = None
+    say("rewriting" if costs is None else f"timing forms on {costs.describe()} and rewriting")
     if goal is not None:
         converted, chosen, forms, measured = _for_speed(
             model,
@@ -247,6 +254,7 @@ def convert(
         report = replace(report, notes=(*report.notes, note))
     onnx_graph.verify(converted)
     if check_parity:
+        say("checking parity in onnxruntime")
         report = _with_parity(report, model, converted, exact=beta == 0)
     return converted, report
 
@@ -266,12 +274,19 @@ def convert_file(
         *(options.get(n) for n in ("beta", "budget", "mac_reduction", "speedup", "speed_ratio"))
     )
     check_output_path(output, source)
+    say = options.get("stage") or _quiet
+    say(f"loading {source}")
     loaded = onnx_graph.load_model(source)
     model, report = convert(loaded, **options)
     if not report.converted and not report.already_met:
         raise _nothing_rewritten(report)
+    say(f"saving {output}")
     onnx_graph.save_model(model, output, like=loaded)
     return report, bool(report.converted)
+
+
+def _quiet(text: str) -> None:
+    """A stage callback that shows nothing."""
 
 
 def _load(source: ModelSource) -> onnx_graph.LoadedModel:

@@ -114,8 +114,19 @@ def test_progress_bar_shows_on_terminals_for_many_layers_only():
     assert "factoring" in screen.getvalue() and "10/10" in screen.getvalue()
     pipe = io.StringIO()
     with LayerProgress(Console(file=pipe, force_terminal=False)) as progress:
+        progress.stage("loading net.onnx")
         progress(10, 10, "layer10")
     assert pipe.getvalue() == ""
+
+
+def test_stages_show_on_terminals_whatever_the_layer_count():
+    screen = io.StringIO()
+    with LayerProgress(Console(file=screen, force_terminal=True, width=100)) as progress:
+        progress.stage("loading big.onnx")
+        progress(1, 2, "few")
+        progress.stage("checking parity in onnxruntime")
+    assert "loading big.onnx" in screen.getvalue() and "few" not in screen.getvalue()
+    assert "checking parity in onnxruntime" in screen.getvalue()
 
 
 def test_many_layers_convert_quietly_when_not_on_a_terminal(capsys, tmp_path):

@@ -294,6 +294,20 @@ def test_progress_reports_each_factored_layer():
     assert calls == [(1, 2, "b"), (2, 2, "c")]
 
 
+def test_convert_file_announces_each_stage_in_order(tmp_path):
+    source, output = tmp_path / "net.onnx", tmp_path / "out.onnx"
+    onnx.save(conv_chain([ConvSpec(8, name=n) for n in ("a", "b", "c")]), str(source))
+    stages = []
+    convert_file(source, output, beta=0.0, stage=stages.append)
+    assert stages == [
+        f"loading {source}",
+        "factoring 2 Conv(s)",
+        "rewriting",
+        "checking parity in onnxruntime",
+        f"saving {output}",
+    ]
+
+
 def test_convert_file_keeps_external_data_and_the_input_bytes(tmp_path):
     source = tmp_path / "model.onnx"
     model = conv_chain([ConvSpec(16, pads=(1, 1, 1, 1)) for _ in range(3)], (4, 8, 8))

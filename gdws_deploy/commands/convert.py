@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from gdws_deploy.atomic import atomic_open, check_output_path
@@ -296,6 +296,7 @@ def _convert_file(model, output, beta, budget, mac_reduction, parity, progress, 
         mac_reduction=mac_reduction,
         check_parity=parity,
         progress=progress,
+        stage=progress and progress.stage,
         **options,
     )
 
@@ -375,7 +376,8 @@ def _calibrated(
 
 
 class LayerProgress:
-    """A progress bar over factored layers, shown on terminals and only for many layers."""
+    """What the conversion is doing (loading, factoring, rewriting, parity, saving) and a
+    bar over factored layers when there are many; on terminals only, gone when done."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -388,20 +390,30 @@ class LayerProgress:
         if self.bar is not None:
             self.bar.stop()
 
+    def stage(self, text: str) -> None:
+        """A step starts; its length is unknown. Drawn at once: steps are few."""
+        if self.console.is_terminal:
+            self._update(description=text, total=None, completed=0, count="")
+            self.bar.refresh()
+
     def __call__(self, done: int, total: int, name: str) -> None:
-        if total < PROGRESS_MIN_LAYERS or not self.console.is_terminal:
-            return
+        if total >= PROGRESS_MIN_LAYERS and self.console.is_terminal:
+            description = f"factoring {name}"
+            count = f"{done}/{total}"
+            self._update(description=description, total=total, completed=done, count=count)
+
+    def _update(self, description: str, **fields: object) -> None:
         if self.bar is None:
             columns = (
-                TextColumn("factoring"),
-                BarColumn(),
-                MofNCompleteColumn(),
+                SpinnerColumn(),
                 TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[count]}"),
             )
             self.bar = Progress(*columns, console=self.console, transient=True)
-            self.bar.add_task("", total=total)
+            self.bar.add_task(description, **fields)
             self.bar.start()
-        self.bar.update(self.bar.task_ids[0], completed=done, description=name)
+        self.bar.update(self.bar.task_ids[0], description=description, **fields)
 
 
 def _layer_table(report: ConvertReport) -> Table:
