@@ -158,7 +158,7 @@ def test_convert_for_a_speed_ratio_reports_what_it_measured(tmp_path):
 
 
 def test_a_speed_goal_needs_tuning_and_a_ratio_needs_a_mac_target():
-    with pytest.raises(GdwsError, match="give --tune"):
+    with pytest.raises(GdwsError, match="a speed goal is measured: give a backend to tune on"):
         convert(tuning_model(), speedup=2.0)
     with pytest.raises(GdwsError, match="share of the MAC reduction: give one too"):
         convert(tuning_model(), speed_ratio=0.8, tune=OrtBackend(1))
@@ -174,7 +174,7 @@ def model_file(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--speedup", "2"], "give --tune (tune=) too"),
+        (["--speedup", "2"], "are measured: give --tune ort|trt too"),
         (["--speedup", "0.5", "--tune", "ort"], "speed-up must be a finite number >= 1"),
         (["--speedup", "2", "--beta", "0", "--tune", "ort"], "alone or with a MAC reduction"),
         (["--speedup", "fast", "--tune", "ort"], "--speedup must be a number"),
