@@ -26,7 +26,8 @@ demo: $(STAMP)
 
 # What runs on the Jetson (JetPack 5: Python 3.8) must parse and run there.
 DEVICE_SIDE := gdws_deploy/runtime jetson gdws_deploy/__init__.py gdws_deploy/atomic.py \
-	gdws_deploy/errors.py gdws_deploy/cli.py gdws_deploy/data.py gdws_deploy/commands/__init__.py \
+	gdws_deploy/errors.py gdws_deploy/cli.py gdws_deploy/robustness/__init__.py \
+	gdws_deploy/robustness/data.py gdws_deploy/robustness/photo_patches.py gdws_deploy/commands/__init__.py \
 	gdws_deploy/commands/build.py gdws_deploy/commands/bench.py gdws_deploy/commands/trtexec.py \
 	gdws_deploy/commands/trt_flags.py
 

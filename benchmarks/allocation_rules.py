@@ -21,14 +21,14 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdws_deploy.alphas import compute_alphas
-from gdws_deploy.attacks import make_attacks, parse_fraction
-from gdws_deploy.conversion import convert
-from gdws_deploy.data import load_dataset
-from gdws_deploy.gdws import ALLOCATIONS, USES_ALPHAS, SpectraCache
-from gdws_deploy.graph import load_model, save_model
-from gdws_deploy.robustness import RobustnessCheck
-from gdws_deploy.sensitivity import measure_loss_curves
+from gdws_deploy.ir.graph import load_model, save_model
+from gdws_deploy.passes.gdws.decompose import ALLOCATIONS, USES_ALPHAS, SpectraCache
+from gdws_deploy.pipeline.convert import convert
+from gdws_deploy.robustness.alphas import compute_alphas
+from gdws_deploy.robustness.attacks import make_attacks, parse_fraction
+from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.sensitivity import measure_loss_curves
 
 RULES = [name for name in ALLOCATIONS if name != "auto"]
 

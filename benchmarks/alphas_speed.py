@@ -6,9 +6,9 @@ For three CNNs of growing size (seeded random weights, BatchNorm statistics rand
   resnet18:  ResNet-18 on 3x32x32
 this computes the alphas of every eligible Conv for the same N random inputs two ways,
 alternating them so machine load hits both alike:
-  loop:    gdws_deploy.alphas.accumulate_alphas_by_loop (one forward per sample, one
+  loop:    gdws_deploy.robustness.alphas.accumulate_alphas_by_loop (one forward per sample, one
            backward per class to the weights; the reference the tests compare with)
-  batched: gdws_deploy.alphas.accumulate_alphas (one forward, one batched backward)
+  batched: gdws_deploy.robustness.alphas.accumulate_alphas (one forward, one batched backward)
 and prints loop / batched (goal: >= 10) as the best of --repeat runs, wall-clock and CPU
 time, after checking both agree to 1e-4.
 
@@ -30,13 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import add_timing_options, apply_threads, best_of
-from gdws_deploy.alphas import (
+from gdws_deploy.robustness.alphas import (
     AlphaSums,
     accumulate_alphas,
     accumulate_alphas_by_loop,
     eligible_convs,
 )
-from gdws_deploy.mirror import OnnxMirror
+from gdws_deploy.robustness.mirror import OnnxMirror
 from models.export import export_onnx
 from models.networks import randomize_batchnorm, resnet18, small_vgg
 from tests.digits_fixtures import digits_cnn

@@ -20,7 +20,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdws_deploy.conversion import convert_file
+from gdws_deploy.pipeline.convert import convert_file
 from gdws_deploy.runtime.benchmark import BenchOptions, benchmark_pair, throughput_ratio
 from gdws_deploy.runtime.runner import OrtRunner
 from models.export import export_architecture

@@ -2,7 +2,7 @@
 
 For PreActResNet-18 and VGG-16 (CIFAR size, random weights) this times, in one run:
   floor:   onnx.load + one batched SVD per converted layer + onnx.save
-  convert: gdws_deploy.conversion.convert_file (load, check, shape inference, SVDs,
+  convert: gdws_deploy.pipeline.convert.convert_file (load, check, shape inference, SVDs,
            allocation, rewrite, verify, atomic save), parity check off
   parity:  the onnxruntime parity check, timed on its own
 and prints convert / floor (goal: <= 1.5), best of --repeat runs each, in wall-clock time
@@ -26,9 +26,9 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import best_of, elapsed, print_verdict
-from gdws_deploy.conversion import convert_file
-from gdws_deploy.gdws import ChannelSpectra
-from gdws_deploy.parity import max_relative_deviation
+from gdws_deploy.ir.parity import max_relative_deviation
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra
+from gdws_deploy.pipeline.convert import convert_file
 from models.export import export_architecture
 
 GOAL = 1.5

@@ -2,9 +2,10 @@
 
 For CIFAR-size networks with seeded random weights (BatchNorm statistics randomized), this
 runs the same PGD-10 (l_inf 8/255, step 2/255, same seed) on the native torch module and on
-gdws_deploy.mirror's module built from its ONNX export, same weights and batch, alternating
-the two so machine load hits both alike, and prints mirror / native (goal: <= 1.2) as the
-best of --repeat runs, in wall-clock and CPU time. It first checks both give the same logits.
+gdws_deploy.robustness.mirror's module built from its ONNX export, same weights and batch,
+alternating the two so machine load hits both alike, and prints mirror / native (goal:
+<= 1.2) as the best of --repeat runs, in wall-clock and CPU time. It first checks both give
+the same logits.
 
     .venv/bin/python benchmarks/mirror_attack_speed.py [--batch 32] [--repeat 3] [--threads 0]
 """
@@ -22,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import add_timing_options, apply_threads, best_of, print_verdict
-from gdws_deploy.attacks import pgd
-from gdws_deploy.mirror import load_mirror
+from gdws_deploy.robustness.attacks import pgd
+from gdws_deploy.robustness.mirror import load_mirror
 from models.export import export_onnx
 from models.networks import ARCHITECTURES, randomize_batchnorm
 

@@ -34,10 +34,10 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdws_deploy.conversion import ConvertReport, convert_file
-from gdws_deploy.cost_model import model_input_shape
-from gdws_deploy.measure import OrtBackend, Timing, time_models
-from gdws_deploy.speed_target import SpeedGoalOutOfReachError
+from gdws_deploy.pipeline.convert import ConvertReport, convert_file
+from gdws_deploy.speed.backends import OrtBackend, Timing, time_models
+from gdws_deploy.speed.cost_model import model_input_shape
+from gdws_deploy.speed.goals import SpeedGoalOutOfReachError
 from models.export import export_architecture
 from models.networks import ARCHITECTURES
 

@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GdwsError": "gdws_deploy.errors",
-    "GdwsFactors": "gdws_deploy.gdws",
-    "ChannelSpectra": "gdws_deploy.gdws",
-    "lego": "gdws_deploy.gdws",
-    "mego": "gdws_deploy.gdws",
-    "convert": "gdws_deploy.conversion",
+    "GdwsFactors": "gdws_deploy.passes.gdws.decompose",
+    "ChannelSpectra": "gdws_deploy.passes.gdws.decompose",
+    "lego": "gdws_deploy.passes.gdws.decompose",
+    "mego": "gdws_deploy.passes.gdws.decompose",
+    "convert": "gdws_deploy.pipeline.convert",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

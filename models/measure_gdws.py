@@ -1,8 +1,8 @@
 """Clean and robust accuracy of a trained model after GDWS conversion at several MAC targets.
 
 Reads the JSON record train_robust.py wrote beside the model for the dataset and the exact
-attack, converts with gdws_deploy.conversion (whole-model MAC target, --allocation rule),
-and measures every converted model with gdws_deploy.evaluate, so each row faces the same
+attack, converts with gdws_deploy.pipeline.convert (whole-model MAC target, --allocation rule),
+and measures every converted model with gdws_deploy.robustness.evaluate, so each row faces the same
 attack as the recorded original. Prints a markdown table; `-o` also writes JSON.
 
     python models/measure_gdws.py models/robust_photos.onnx --mac-reductions 1.5,2,3
@@ -23,11 +23,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdws_deploy.atomic import atomic_open, check_output_path
-from gdws_deploy.attacks import Attack
-from gdws_deploy.conversion import convert_file
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.evaluate import evaluate
-from gdws_deploy.gdws import ALLOCATIONS
+from gdws_deploy.passes.gdws.decompose import ALLOCATIONS
+from gdws_deploy.pipeline.convert import convert_file
+from gdws_deploy.robustness.attacks import Attack
+from gdws_deploy.robustness.evaluate import evaluate
 from models.train_robust import load_split, run_script
 
 

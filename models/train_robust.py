@@ -2,7 +2,7 @@
 
 Trains models.networks.small_vgg with l_inf PGD-AT (Madry et al. 2018) on offline data,
 exports it to ONNX and writes a JSON record beside it: clean and robust accuracy on the
-test split measured by gdws_deploy.evaluate (the same code as `gdws-deploy eval`: attacks
+test split measured by gdws_deploy.robustness.evaluate (the same code as `gdws-deploy eval`: attacks
 through the torch mirror, verdicts from onnxruntime), the training settings, and the
 kernel spectra of every 3x3 conv as GDWS sees them (BatchNorm folded into the weights).
 
@@ -35,11 +35,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdws_deploy.atomic import atomic_open, check_output_path
-from gdws_deploy.attacks import Attack, make_attacks, pgd
-from gdws_deploy.data import Dataset, load_dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.evaluate import evaluate
-from gdws_deploy.kernel_spectra import onnx_conv_spectra
+from gdws_deploy.passes.gdws.spectra import onnx_conv_spectra
+from gdws_deploy.robustness.attacks import Attack, make_attacks, pgd
+from gdws_deploy.robustness.data import Dataset, load_dataset
+from gdws_deploy.robustness.evaluate import evaluate
 from models.export import export_onnx
 from models.networks import small_vgg
 
@@ -62,7 +62,7 @@ class Recipe:
 
 
 def load_split(dataset: str, split: str) -> Dataset:
-    """The `split` ("train" or "test") of a gdws_deploy.data dataset, at 32x32 pixels.
+    """The `split` ("train" or "test") of a gdws_deploy.robustness.data dataset, at 32x32 pixels.
 
     Smaller images (digits: 8x8) are upsampled bilinearly, so every dataset trains the
     same network at the same cost per layer.

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from gdws_deploy.data import load_dataset
+from gdws_deploy.robustness.data import load_dataset
 from models.export import export_onnx
 
 DIGITS_SHAPE = (1, 1, 8, 8)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 
-from gdws_deploy.attacks import make_attacks
-from gdws_deploy.data import load_dataset
-from gdws_deploy.robustness import RobustnessCheck
+from gdws_deploy.robustness.attacks import make_attacks
+from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.data import load_dataset
 
 
 @functools.lru_cache(maxsize=None)

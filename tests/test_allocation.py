@@ -9,9 +9,8 @@ from conv_models import ConvSpec, conv_chain
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gdws_deploy.conversion import convert
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import (
+from gdws_deploy.passes.gdws.decompose import (
     ALLOCATIONS,
     ChannelSpectra,
     LayerCost,
@@ -24,6 +23,7 @@ from gdws_deploy.gdws import (
     lego,
     resolve_allocation,
 )
+from gdws_deploy.pipeline.convert import convert
 
 PROPERTY = settings(max_examples=15, deadline=None)
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from gdws_deploy.alphas import (
+from gdws_deploy.robustness.alphas import (
     SETTINGS_KEY,
     AlphaSums,
     accumulate_alphas,
@@ -19,9 +19,9 @@ from gdws_deploy.alphas import (
     load_alphas,
     save_alphas,
 )
-from gdws_deploy.attacks import Normalized, make_attacks
-from gdws_deploy.data import load_dataset
-from gdws_deploy.mirror import OnnxMirror
+from gdws_deploy.robustness.attacks import Normalized, make_attacks
+from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.mirror import OnnxMirror
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import ConvSpec, conv_chain
 from tests.digits_fixtures import export_trained_digits_cnn, one_torch_thread  # noqa: F401
@@ -95,7 +95,7 @@ def test_alphas_file_holds_one_vector_per_eligible_conv_and_the_settings(digits_
 
 
 def test_convert_accepts_the_alphas_file(digits_model, tmp_path):
-    from gdws_deploy.conversion import convert
+    from gdws_deploy.pipeline.convert import convert
 
     run = compute_alphas(digits_model, load_dataset("digits", limit=8), None)
     path = save_alphas(run, tmp_path / "a.npz")

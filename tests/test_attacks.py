@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from gdws_deploy.attacks import (
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.robustness.attacks import (
     Normalized,
     apgd_checkpoints,
     make_attacks,
@@ -20,8 +21,7 @@ from gdws_deploy.attacks import (
     steepest_direction,
     worst_case,
 )
-from gdws_deploy.data import load_dataset
-from gdws_deploy.errors import GdwsError
+from gdws_deploy.robustness.data import load_dataset
 from tests.digits_fixtures import one_torch_thread, trained_digits_cnn  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

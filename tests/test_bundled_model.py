@@ -13,11 +13,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from gdws_deploy.attacks import Attack
-from gdws_deploy.data import load_dataset
-from gdws_deploy.evaluate import evaluate
-from gdws_deploy.kernel_spectra import onnx_conv_spectra
-from gdws_deploy.photo_patches import CLASS_NAMES
+from gdws_deploy.passes.gdws.spectra import onnx_conv_spectra
+from gdws_deploy.robustness.attacks import Attack
+from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.evaluate import evaluate
+from gdws_deploy.robustness.photo_patches import CLASS_NAMES
 from models.train_robust import build_model, conv_kernels, init_overlap
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "robust_photos.onnx"

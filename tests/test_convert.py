@@ -8,10 +8,10 @@ import pytest
 from onnx import numpy_helper
 
 from gdws_deploy import convert
-from gdws_deploy.conversion import convert_file
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import SpectraCache
-from gdws_deploy.graph import check_and_infer, count_macs, external_data_path
+from gdws_deploy.ir.graph import check_and_infer, count_macs, external_data_path
+from gdws_deploy.passes.gdws.decompose import SpectraCache
+from gdws_deploy.pipeline.convert import convert_file
 from tests.conv_models import INPUT, OUTPUT, ConvSpec, conv_chain, conv_weight, node_names, run
 
 # Every way a Conv can place its kernels, all with exactly low-rank ("sparse") weights.
@@ -394,7 +394,7 @@ def test_torch_exported_network_converts_with_exact_parity(tmp_path):
 
 def test_package_level_convert_is_the_api_whatever_was_imported_first():
     import gdws_deploy
-    import gdws_deploy.conversion as module
+    import gdws_deploy.pipeline.convert as module
 
     model = conv_chain([ConvSpec(8), ConvSpec(8)])
     by_package = gdws_deploy.convert(model, beta=0.0, check_parity=False)[1]

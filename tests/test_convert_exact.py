@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gdws_deploy import convert
-from gdws_deploy.gdws import ChannelSpectra, lego, mego
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra, lego, mego
 from tests.conv_models import ConvSpec, conv_chain, conv_weight, node_names
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from gdws_deploy.conversion import convert_file
+from gdws_deploy.pipeline.convert import convert_file
 from tests.cli_run import run_cli
 from tests.conv_models import ConvSpec, conv_chain, run
 

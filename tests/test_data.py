@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from gdws_deploy import data as data_module
-from gdws_deploy.data import Dataset, load_dataset, register_dataset
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.robustness import data as data_module
+from gdws_deploy.robustness.data import Dataset, load_dataset, register_dataset
 
 RNG = np.random.default_rng(0)
 

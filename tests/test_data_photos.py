@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gdws_deploy.data import load_dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.photo_patches import CLASS_NAMES, load_photo_patches
+from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.photo_patches import CLASS_NAMES, load_photo_patches
 
 
 def test_photos_spec_is_the_test_split_dealt_out_class_by_class():

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from gdws_deploy.attacks import make_attacks
-from gdws_deploy.data import load_dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.evaluate import evaluate, open_backend, wilson_interval
+from gdws_deploy.robustness.attacks import make_attacks
+from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.evaluate import evaluate, open_backend, wilson_interval
 from gdws_deploy.runtime.runner import OrtRunner
 from models.export import export_onnx
 from tests.cli_run import assert_one_line_error, run_cli

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from digits_fixtures import export_trained_digits_cnn, torch_threads
 
-from gdws_deploy.data import load_dataset
+from gdws_deploy.robustness.data import load_dataset
 from tests.cli_run import run_cli
 
 

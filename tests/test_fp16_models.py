@@ -12,9 +12,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from gdws_deploy.alphas import eligible_convs, load_alphas
-from gdws_deploy.data import load_dataset
-from gdws_deploy.mirror import OnnxMirror
+from gdws_deploy.robustness.alphas import eligible_convs, load_alphas
+from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.mirror import OnnxMirror
 from models.export import INPUT_NAME, OUTPUT_NAME
 from tests.cli_run import run_cli
 from tests.digits_fixtures import DIGITS_SHAPE, one_torch_thread, trained_digits_cnn  # noqa: F401

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.graph import (
+from gdws_deploy.ir.graph import (
     LoadedModel,
     check_and_infer,
     count_macs,

@@ -5,7 +5,7 @@ import onnx
 import torch
 from torch import nn
 
-from gdws_deploy.kernel_spectra import onnx_conv_spectra, top_energy_shares
+from gdws_deploy.passes.gdws.spectra import onnx_conv_spectra, top_energy_shares
 from models.export import export_onnx
 
 

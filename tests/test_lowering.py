@@ -11,14 +11,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gdws_deploy import convert
-from gdws_deploy.cost_model import CostModel, Form, LayerShape
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import GdwsFactors, lego, mego
-from gdws_deploy.graph import check_and_infer, count_macs, find_convs
-from gdws_deploy.lowering import ALIGNED_LOWERINGS, LOWERINGS
-from gdws_deploy.measure import OrtBackend
-from gdws_deploy.rewrite import rewrite
-from gdws_deploy.tune_cache import TuneCache
+from gdws_deploy.ir.graph import check_and_infer, count_macs, find_convs
+from gdws_deploy.passes.gdws.decompose import GdwsFactors, lego, mego
+from gdws_deploy.passes.gdws.lowering import ALIGNED_LOWERINGS, LOWERINGS
+from gdws_deploy.passes.gdws.rewrite import rewrite
+from gdws_deploy.speed.backends import OrtBackend
+from gdws_deploy.speed.cost_model import CostModel, Form, LayerShape
+from gdws_deploy.speed.tune_cache import TuneCache
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import INPUT, OUTPUT, conv_weight, run
 

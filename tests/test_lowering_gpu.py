@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gdws_deploy import context_timing
-from gdws_deploy.cost_model import CostModel, Form, LayerShape
-from gdws_deploy.gdws import ChannelSpectra
-from gdws_deploy.graph import check_and_infer, count_macs, find_convs
-from gdws_deploy.measure import TrtBackend
+from gdws_deploy.ir.graph import check_and_infer, count_macs, find_convs
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra
+from gdws_deploy.speed import context_timing
+from gdws_deploy.speed.backends import TrtBackend
+from gdws_deploy.speed.cost_model import CostModel, Form, LayerShape
 from tests.conv_models import ConvSpec, conv_chain
 from tests.test_lowering import tuning_model
 from tests.test_runtime_gpu import gpu  # noqa: F401 (the module's skip-unless-GPU fixture)

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812 (the torch idiom)
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.graph import node_name
-from gdws_deploy.mirror import OnnxMirror, load_mirror
+from gdws_deploy.ir.graph import node_name
+from gdws_deploy.robustness.mirror import OnnxMirror, load_mirror
 from models.export import export_onnx
 from models.networks import ARCHITECTURES, randomize_batchnorm
 from tests.digits_fixtures import one_torch_thread  # noqa: F401
@@ -591,7 +591,7 @@ def test_zoo_network_matches_onnxruntime(zoo, name):
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_gdws_converted_zoo_network_matches_onnxruntime(zoo, name):
-    from gdws_deploy.conversion import convert
+    from gdws_deploy.pipeline.convert import convert
 
     converted, report = convert(zoo[name][0], mac_reduction=2.0, check_parity=False)
     assert report.converted > 0

@@ -9,8 +9,8 @@ from digits_fixtures import export_trained_digits_cnn, one_torch_thread  # noqa:
 from search_fixtures import quick_check
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import SpectraCache
-from gdws_deploy.operating_point import RESOLUTION, check_max_drop, search_operating_point
+from gdws_deploy.passes.gdws.decompose import SpectraCache
+from gdws_deploy.pipeline.operating_point import RESOLUTION, check_max_drop, search_operating_point
 from tests.cli_run import assert_one_line_error, run_cli
 
 MAX_DROP = 0.05

@@ -5,7 +5,12 @@ import pytest
 from skimage import color, data, util
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.photo_patches import CLASS_NAMES, PATCH_SIZE, PER_CLASS, load_photo_patches
+from gdws_deploy.robustness.photo_patches import (
+    CLASS_NAMES,
+    PATCH_SIZE,
+    PER_CLASS,
+    load_photo_patches,
+)
 
 
 @pytest.fixture(scope="module")

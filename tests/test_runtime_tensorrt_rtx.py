@@ -104,7 +104,7 @@ def test_ahead_of_time_build_writes_engine_metadata_and_timing_cache(tmp_path):
 def test_engine_of_another_tensorrt_version_and_missing_gpu_are_one_line(tmp_path):
     plan = tmp_path / "cnn.plan"
     assert trt_cli("build", small_cnn(tmp_path / "cnn.onnx"), "-o", plan).returncode == 0
-    # no GPU here: the runner gets as far as CUDA and stops with one line
+    # no GPU here: the runner gets as CUDA and stops with one line
     assert "CUDA" in one_line_error(trt_cli("bench", plan))
     on_the_fly = trt_cli("bench", tmp_path / "cnn.onnx", "--backend", "trt", "--batch", "4")
     assert "CUDA" in one_line_error(on_the_fly)  # built in a temporary folder first
@@ -128,7 +128,9 @@ def test_precision_and_dla_requests_tensorrt_rtx_cannot_honour_fail_cleanly(tmp_
 @pytest.mark.slow
 def test_converted_preact_resnet18_parses_and_builds(tmp_path):
     export = pytest.importorskip("models.export", reason="models/export.py not available")
-    convert = pytest.importorskip("gdws_deploy.conversion", reason="convert pass not available")
+    convert = pytest.importorskip(
+        "gdws_deploy.pipeline.convert", reason="convert pass not available"
+    )
     original = export.export_architecture("preactresnet18", tmp_path / "preact18.onnx")
     converted = tmp_path / "preact18.gdws.onnx"
     report, written = convert.convert_file(

@@ -11,17 +11,22 @@ import onnx
 import pytest
 
 from gdws_deploy import convert
-from gdws_deploy.attacks import make_attacks
-from gdws_deploy.context_timing import FIXED, ContextTimer, Form, charge, owners, saves_macs
-from gdws_deploy.data import load_dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import UNIFORM_PER_CHANNEL, ChannelSpectra, resolve_allocation, uniform
-from gdws_deploy.graph import check_and_infer, count_macs, find_convs
-from gdws_deploy.measure import OrtBackend
-from gdws_deploy.robustness import RobustnessCheck
-from gdws_deploy.sensitivity import measure_loss_curves
-from gdws_deploy.speed_target import ACCEPT, AIM, REFINEMENTS, SpeedGoal, refine
-from gdws_deploy.time_allocation import SlowerThanBudgetError
+from gdws_deploy.ir.graph import check_and_infer, count_macs, find_convs
+from gdws_deploy.passes.gdws.decompose import (
+    UNIFORM_PER_CHANNEL,
+    ChannelSpectra,
+    resolve_allocation,
+    uniform,
+)
+from gdws_deploy.robustness.attacks import make_attacks
+from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.sensitivity import measure_loss_curves
+from gdws_deploy.speed.backends import OrtBackend
+from gdws_deploy.speed.context_timing import FIXED, ContextTimer, Form, charge, owners, saves_macs
+from gdws_deploy.speed.goals import ACCEPT, AIM, REFINEMENTS, SpeedGoal, refine
+from gdws_deploy.speed.time_allocation import SlowerThanBudgetError
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import run
 from tests.test_lowering import chain_model, factored, gap, images, lowered, ops, tuning_model

@@ -19,12 +19,12 @@ from matplotlib.image import imread
 from search_fixtures import quick_check
 
 from gdws_deploy.commands.sweep import sweep_command
-from gdws_deploy.data import load_dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.graph import check_and_infer, count_macs
-from gdws_deploy.plot import sweep_figure
-from gdws_deploy.robustness import RobustnessCheck
-from gdws_deploy.sweep import BenchSettings, count_parameters, run_sweep
+from gdws_deploy.ir.graph import check_and_infer, count_macs
+from gdws_deploy.pipeline.plot import sweep_figure
+from gdws_deploy.pipeline.sweep import BenchSettings, count_parameters, run_sweep
+from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.data import load_dataset
 from tests.cli_run import assert_one_line_error, run_cli
 
 QUICK_BENCH = BenchSettings(batch=8, duration_s=0.05, rounds=1, threads=1)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import UnreachableTargetError
-from gdws_deploy.time_allocation import (
+from gdws_deploy.passes.gdws.decompose import UnreachableTargetError
+from gdws_deploy.speed.time_allocation import (
     MAC_STEPS,
     Budget,
     Option,

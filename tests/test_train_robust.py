@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gdws_deploy.data import Dataset
+from gdws_deploy.robustness.data import Dataset
 from models.train_robust import (
     build_model,
     conv_kernels,

@@ -45,9 +45,9 @@ def alphas_command(
     step_size: Optional[str],
 ) -> None:
     """Compute eq. (8) alphas of MODEL's eligible Convs for `convert --alphas`."""
-    from gdws_deploy.alphas import compute_alphas, save_alphas
-    from gdws_deploy.attacks import make_attacks, parse_channels, parse_fraction
-    from gdws_deploy.data import load_dataset
+    from gdws_deploy.robustness.alphas import compute_alphas, save_alphas
+    from gdws_deploy.robustness.attacks import make_attacks, parse_channels, parse_fraction
+    from gdws_deploy.robustness.data import load_dataset
 
     check_output_path(output, model)
     perturbation = None

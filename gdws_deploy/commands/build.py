@@ -98,8 +98,8 @@ def _echo_err(line: str) -> None:
 
 
 def _calibration_batches(spec: str) -> Iterable[Any]:
-    """(images, labels) batches of a gdws_deploy.data dataset; the feed regroups them."""
-    from gdws_deploy.data import load_dataset
+    """(images, labels) batches of a gdws_deploy.robustness.data dataset; the feed regroups them."""
+    from gdws_deploy.robustness.data import load_dataset
 
     return load_dataset(spec).batches(CALIBRATION_READ_BATCH)
 

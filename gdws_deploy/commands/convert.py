@@ -15,11 +15,11 @@ from rich.table import Table
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import ALLOCATIONS
+from gdws_deploy.passes.gdws.decompose import ALLOCATIONS
 
 if TYPE_CHECKING:
-    from gdws_deploy.conversion import ConvertReport
-    from gdws_deploy.operating_point import OperatingPoint
+    from gdws_deploy.pipeline.convert import ConvertReport
+    from gdws_deploy.pipeline.operating_point import OperatingPoint
 
 DEFAULT_MAC_REDUCTION = 2.0
 LOWERING_CHOICES = ("auto", "gather", "pad", "sum", "fold", "dense")
@@ -185,7 +185,7 @@ def convert_command(
     allocation). Prints one row per Conv (its lowering too) and the parity of the result
     against MODEL in onnxruntime.
     """
-    from gdws_deploy.measure import backend_named
+    from gdws_deploy.speed.backends import backend_named
 
     _check_calibration(max_robust_drop, dataset, beta, budget, mac_reduction)
     if (speedup, speed_ratio) != (None, None) and max_robust_drop is not None:
@@ -273,7 +273,7 @@ def _check_calibration(
                 "--dataset calibrates a MAC-reduction target; --beta and --budget do not use it"
             )
         return
-    from gdws_deploy.operating_point import check_max_drop
+    from gdws_deploy.pipeline.operating_point import check_max_drop
 
     check_max_drop(max_robust_drop)
     if beta is not None or budget is not None or mac_reduction is not None:
@@ -286,7 +286,7 @@ def _check_calibration(
 
 
 def _convert_file(model, output, beta, budget, mac_reduction, parity, progress, options):
-    from gdws_deploy.conversion import convert_file
+    from gdws_deploy.pipeline.convert import convert_file
 
     return convert_file(
         model,
@@ -303,7 +303,7 @@ def _convert_file(model, output, beta, budget, mac_reduction, parity, progress, 
 
 def _warn_if_deviating(report: ConvertReport, errors: Console) -> None:
     """One line on stderr when the converted model's outputs moved far from MODEL's."""
-    from gdws_deploy.parity import PARITY_WARNING
+    from gdws_deploy.ir.parity import PARITY_WARNING
 
     if report.parity is not None and report.parity > PARITY_WARNING:
         errors.print(
@@ -317,7 +317,7 @@ def _warn_if_short(
     report: ConvertReport, speedup: Optional[float], speed_ratio: Optional[float], errors: Console
 ) -> None:
     """A warning where the converted model measured short of its speed goal."""
-    from gdws_deploy.speed_target import SpeedGoal
+    from gdws_deploy.speed.goals import SpeedGoal
 
     wanted = SpeedGoal(speedup, speed_ratio).wanted(report.reduction)
     if report.measured_speedup < wanted:
@@ -342,8 +342,8 @@ def _calibrated(
 
     The search, the report (None: no target keeps the drop) and whether the output holds
     a rewritten model."""
-    from gdws_deploy.operating_point import convert_within_drop
-    from gdws_deploy.sensitivity import calibration_options
+    from gdws_deploy.pipeline.operating_point import convert_within_drop
+    from gdws_deploy.robustness.sensitivity import calibration_options
 
     check_output_path(output, model)
     alphas = options.pop("alphas")
@@ -453,7 +453,7 @@ def _totals(report: ConvertReport) -> str:
 
 def _speedup(speedup: Optional[float]) -> str:
     """A layer's dense / GDWS time; the cost model floors a form at 1% of dense."""
-    from gdws_deploy.cost_model import MIN_SHARE
+    from gdws_deploy.speed.cost_model import MIN_SHARE
 
     if speedup is None:
         return "-"

@@ -14,8 +14,8 @@ from rich.table import Table
 from gdws_deploy.atomic import atomic_open, check_output_path
 
 if TYPE_CHECKING:
-    from gdws_deploy.attacks import Attack
-    from gdws_deploy.evaluate import EvalReport
+    from gdws_deploy.robustness.attacks import Attack
+    from gdws_deploy.robustness.evaluate import EvalReport
 
 DATASET_HELP = "digits[:train], photos[:train], npz:PATH, cifar10:DIR or svhn:FILE.mat."
 
@@ -98,7 +98,7 @@ def attacks_from(
     attack_names: str, eps: Optional[str], steps: int, step_size: Optional[str], restarts: int
 ) -> List[Attack]:
     """The attacks the flags of `attack_options` describe."""
-    from gdws_deploy.attacks import make_attacks, parse_per_norm
+    from gdws_deploy.robustness.attacks import make_attacks, parse_per_norm
 
     return make_attacks(
         attack_names,
@@ -148,9 +148,9 @@ def eval_command(
     json_path: Optional[Path],
 ) -> None:
     """Attack MODEL (ONNX) through its torch mirror and judge it on the deployed backend."""
-    from gdws_deploy.attacks import parse_channels
-    from gdws_deploy.data import load_dataset
-    from gdws_deploy.evaluate import evaluate
+    from gdws_deploy.robustness.attacks import parse_channels
+    from gdws_deploy.robustness.data import load_dataset
+    from gdws_deploy.robustness.evaluate import evaluate
 
     attacks = attacks_from(attack_names, eps, steps, step_size, restarts)
     if json_path is not None:

@@ -19,9 +19,9 @@ from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_opti
 from gdws_deploy.errors import GdwsError
 
 if TYPE_CHECKING:
-    from gdws_deploy.operating_point import OperatingPoint
-    from gdws_deploy.robustness import RobustnessCheck
-    from gdws_deploy.sweep import SweepResult
+    from gdws_deploy.pipeline.operating_point import OperatingPoint
+    from gdws_deploy.pipeline.sweep import SweepResult
+    from gdws_deploy.robustness.check import RobustnessCheck
 
 
 @click.command("sweep")
@@ -123,8 +123,8 @@ def sweep_command(
     """Convert MODEL (ONNX) at several targets; measure MACs, parameters, clean and robust
     accuracy and throughput of each; write sweep.json, sweep.png and the models to --out.
     """
-    from gdws_deploy.measure import backend_named
-    from gdws_deploy.sweep import BenchSettings, model_stem, run_sweep
+    from gdws_deploy.pipeline.sweep import BenchSettings, model_stem, run_sweep
+    from gdws_deploy.speed.backends import backend_named
 
     check = robustness_check(
         dataset,
@@ -181,9 +181,9 @@ def robustness_check(
     attacks,
 ) -> RobustnessCheck:
     """The RobustnessCheck the dataset and attack flags describe."""
-    from gdws_deploy.attacks import parse_channels
-    from gdws_deploy.data import load_dataset
-    from gdws_deploy.robustness import RobustnessCheck
+    from gdws_deploy.robustness.attacks import parse_channels
+    from gdws_deploy.robustness.check import RobustnessCheck
+    from gdws_deploy.robustness.data import load_dataset
 
     mean_values, std_values = parse_channels(mean, "--mean"), parse_channels(std, "--std")
     return RobustnessCheck(

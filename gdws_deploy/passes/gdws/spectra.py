@@ -13,8 +13,8 @@ from typing import Dict, List
 import numpy as np
 import onnx
 
-from gdws_deploy import graph as onnx_graph
-from gdws_deploy.gdws import ChannelSpectra
+from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra
 
 TOP = 3
 

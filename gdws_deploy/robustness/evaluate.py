@@ -24,11 +24,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from gdws_deploy.attacks import Attack, with_normalization, worst_case
-from gdws_deploy.data import Dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.graph import load_model
-from gdws_deploy.mirror import OnnxMirror
+from gdws_deploy.ir.graph import load_model
+from gdws_deploy.robustness.attacks import Attack, with_normalization, worst_case
+from gdws_deploy.robustness.data import Dataset
+from gdws_deploy.robustness.mirror import OnnxMirror
 from gdws_deploy.runtime.runner import Runner
 
 # backend name -> ("module:class", which file it loads: the ONNX "model" or an "engine").

@@ -2,7 +2,7 @@
 
 The checker and shape inference run on a *skeleton* of the model, whose large float
 weights are declared as typed graph inputs instead of carried: both are C++ passes that
-serialize the whole model, which for a 50 MB network costs as much as loading it (see
+serialize the whole model, which for a 50 MB network costs as loading it (see
 benchmarks/convert_speed.py). The weights left out are checked here for their size.
 """
 

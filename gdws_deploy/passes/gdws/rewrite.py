@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from gdws_deploy.gdws import GdwsFactors
-from gdws_deploy.graph import ConvLayer, TensorType, adopt_model_fields
+from gdws_deploy.ir.graph import ConvLayer, TensorType, adopt_model_fields
+from gdws_deploy.passes.gdws.decompose import GdwsFactors
 
 # A lowering replaces one Conv node (named by the str) by the GDWS form of the factors.
 Lowering = Callable[[gs.Graph, gs.Node, str, GdwsFactors], None]

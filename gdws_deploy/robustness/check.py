@@ -2,7 +2,7 @@
 
 A search or a sweep judges many converted models against their original: every one must
 face the same attacks, with the same seed, on the same samples. A RobustnessCheck holds
-those settings once and measures any model with the eval machinery (gdws_deploy.evaluate:
+those settings once and measures any model with the eval machinery (gdws_deploy.robustness.evaluate:
 attacks on the torch mirror, verdicts from the backend).
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-from gdws_deploy.attacks import Attack
-from gdws_deploy.data import Dataset
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.robustness.attacks import Attack
+from gdws_deploy.robustness.data import Dataset
 
 # Backends a search or sweep can judge on: each probe is a new ONNX file, and only
 # onnxruntime runs one without an engine build per probe.
@@ -44,7 +44,7 @@ class RobustnessCheck:
 
     def evaluate(self, model: Union[str, Path], progress=None):
         """The model's EvalReport (clean and robust accuracy) under this check."""
-        from gdws_deploy.evaluate import evaluate
+        from gdws_deploy.robustness.evaluate import evaluate
 
         return evaluate(
             model,

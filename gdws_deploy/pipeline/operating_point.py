@@ -31,12 +31,12 @@ from typing import (
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import SpectraCache, UnreachableTargetError
-from gdws_deploy.graph import LoadedModel, load_model, save_model
-from gdws_deploy.robustness import RobustnessCheck
+from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
+from gdws_deploy.passes.gdws.decompose import SpectraCache, UnreachableTargetError
+from gdws_deploy.robustness.check import RobustnessCheck
 
 if TYPE_CHECKING:
-    from gdws_deploy.conversion import ConvertReport
+    from gdws_deploy.pipeline.convert import ConvertReport
 
 COARSE_GRID = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 RESOLUTION = 0.05  # stop when the bracket's ends are within 5 % of each other
@@ -157,7 +157,7 @@ def convert_within_drop(
 
     The report is None, and nothing is written, when no target keeps the drop.
     """
-    from gdws_deploy.conversion import convert_file
+    from gdws_deploy.pipeline.convert import convert_file
 
     check_max_drop(max_drop)
     check_output_path(output, source)
@@ -188,7 +188,7 @@ def _probe(
     index: int,
 ) -> Probe:
     """Convert at `target`, save, measure; out-of-reach targets count as beyond the drop."""
-    from gdws_deploy.conversion import convert
+    from gdws_deploy.pipeline.convert import convert
 
     target = float(f"{target:.4g}")
     try:

@@ -20,14 +20,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import onnx
 import onnx_graphsurgeon as gs
 
-from gdws_deploy.cost_model import CostModel, Form, LayerShape
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import ChannelSpectra, GdwsFactors
-from gdws_deploy.graph import ConvLayer, TensorType
-from gdws_deploy.lowering import ALIGNED_LOWERINGS, LOWERINGS, PerLayer, fold_chain
-from gdws_deploy.measure import Backend, backend_named
-from gdws_deploy.rewrite import rewrite
-from gdws_deploy.tune_cache import TuneCache
+from gdws_deploy.ir.graph import ConvLayer, TensorType
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra, GdwsFactors
+from gdws_deploy.passes.gdws.lowering import ALIGNED_LOWERINGS, LOWERINGS, PerLayer, fold_chain
+from gdws_deploy.passes.gdws.rewrite import rewrite
+from gdws_deploy.speed.backends import Backend, backend_named
+from gdws_deploy.speed.cost_model import CostModel, Form, LayerShape
+from gdws_deploy.speed.tune_cache import TuneCache
 
 STRATEGIES = ("auto", *LOWERINGS)
 

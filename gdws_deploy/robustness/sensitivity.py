@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 
-from gdws_deploy import graph as onnx_graph
-from gdws_deploy.attacks import with_normalization, worst_case
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import (
+from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.passes.gdws.decompose import (
     UNIFORM_PER_CHANNEL,
     USES_ALPHAS,
     ChannelSpectra,
@@ -32,8 +31,9 @@ from gdws_deploy.gdws import (
     resolve_allocation,
     uniform,
 )
-from gdws_deploy.mirror import OnnxMirror
-from gdws_deploy.robustness import RobustnessCheck
+from gdws_deploy.robustness.attacks import with_normalization, worst_case
+from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.mirror import OnnxMirror
 
 # Kernel counts measured per layer, in multiples of its input channels C (G = C is the
 # depthwise-separable point); 0 (the layer zeroed) is always measured too.
@@ -117,7 +117,7 @@ def calibration_options(
     layers convert will rewrite are measured. per_channel: for a speed goal (see
     measure_loss_curves).
     """
-    from gdws_deploy.alphas import compute_alphas
+    from gdws_deploy.robustness.alphas import compute_alphas
 
     cache = spectra if spectra is not None else SpectraCache()
     options: Dict[str, Any] = {"allocation": allocation, "spectra_cache": cache}

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Seque
 import numpy as np
 import onnx
 
-from gdws_deploy import graph as onnx_graph
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import (
+from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.passes.gdws.decompose import (
     USES_ALPHAS,
     ChannelSpectra,
     GdwsFactors,
@@ -35,14 +35,14 @@ from gdws_deploy.gdws import (
 )
 
 if TYPE_CHECKING:
-    from gdws_deploy.cost_model import CostModel
-    from gdws_deploy.measure import Backend
-    from gdws_deploy.speed_target import SpeedGoal
-    from gdws_deploy.tuning import Choice
+    from gdws_deploy.speed.backends import Backend
+    from gdws_deploy.speed.cost_model import CostModel
+    from gdws_deploy.speed.goals import SpeedGoal
+    from gdws_deploy.speed.tuning import Choice
 
 # At beta = 0 the rewrite is exact up to float rounding: parity beyond this is a failure.
 EXACT_PARITY_LIMIT = 1e-4
-# Why an eligible layer stayed dense when even one kernel costs as much as the dense conv.
+# Why an eligible layer stayed dense when even one kernel costs as the dense conv.
 NO_GAIN = "GDWS form would not reduce its MACs"
 # Conv names and skip reasons an error message lists at most.
 _NAMES_SHOWN = 5
@@ -153,19 +153,20 @@ def convert(
     is rewritten the original model comes back (report.already_met says whether the
     target asked for nothing); when no Conv is eligible at all, GdwsError says why. At
     beta = 0, parity worse than 1e-4 raises.
-    lowering: auto, gather, pad, fold or dense (see gdws_deploy.lowering); tune: "ort",
+    lowering: auto, gather, pad, fold or dense (see gdws_deploy.passes.gdws.lowering); tune: "ort",
     "trt" or a measure.Backend to time the forms on (auto only), at `tune_batch`
     (default: the model's fixed batch, else 1), times kept in the `tune_cache` JSON file.
     With a MAC-reduction target, layers tuning keeps dense free their share for the rest.
     allocation: how a MAC-reduction target shares kernels across layers (gdws.ALLOCATIONS;
-    "auto": "measured" given `loss_curves` from gdws_deploy.sensitivity, else "relative").
+    "auto": "measured" given `loss_curves` from gdws_deploy.robustness.sensitivity, else
+    "relative").
     spectra_cache: reuse SVDs across calls on the same model. progress and stage: called
     as layers are factored and as each step starts (a large model takes seconds).
-    speedup: at least this many times faster on the tune backend (gdws_deploy.speed_target;
+    speedup: at least this many times faster on the tune backend (gdws_deploy.speed.goals;
     needs tune), alone or with `mac_reduction`; speed_ratio: instead, a speed-up at least
     this times the MAC reduction reached (with `mac_reduction`).
     """
-    from gdws_deploy import tuning
+    from gdws_deploy.speed import tuning
 
     target = _target(beta, budget, mac_reduction, speedup, speed_ratio)
     model = _load(model_or_path).model
@@ -174,7 +175,7 @@ def convert(
     if speedup is not None or speed_ratio is not None:
         if costs is None:
             raise GdwsError("a speed goal is measured: give a backend to tune on too")
-        from gdws_deploy.speed_target import SpeedGoal
+        from gdws_deploy.speed.goals import SpeedGoal
 
         goal = SpeedGoal(speedup, speed_ratio)
     types = onnx_graph.check_and_infer(model)
@@ -491,7 +492,7 @@ def _for_speed(
     curves: Mapping[str, LossCurve],
 ) -> Tuple[onnx.ModelProto, list, Dict[str, Choice], float]:
     """speed_target's plan for these layers: model, (layer, factors), forms, measured."""
-    from gdws_deploy.speed_target import convert_for_speed
+    from gdws_deploy.speed.goals import convert_for_speed
 
     total = sum(macs.values())
     names = [layer.name for layer in layers]
@@ -563,7 +564,7 @@ def _row(
 def _with_parity(
     report: ConvertReport, original: onnx.ModelProto, converted: onnx.ModelProto, exact: bool
 ) -> ConvertReport:
-    from gdws_deploy.parity import max_relative_deviation
+    from gdws_deploy.ir.parity import max_relative_deviation
 
     deviation = max_relative_deviation(original, converted)
     if exact and not deviation <= EXACT_PARITY_LIMIT:

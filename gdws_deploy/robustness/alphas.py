@@ -29,12 +29,12 @@ import numpy as np
 import onnx
 import torch
 
-from gdws_deploy import graph as onnx_graph
 from gdws_deploy.atomic import atomic_open, check_output_path
-from gdws_deploy.attacks import Attack, pgd, with_normalization
-from gdws_deploy.data import Dataset
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.mirror import Conv, OnnxMirror
+from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.robustness.attacks import Attack, pgd, with_normalization
+from gdws_deploy.robustness.data import Dataset
+from gdws_deploy.robustness.mirror import Conv, OnnxMirror
 
 SETTINGS_KEY = "__settings__"
 CHUNK_BYTES = 256 * 2**20  # scratch for one chunk of per-(sample, class) weight gradients

@@ -21,9 +21,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import numpy as np
 import onnx
 
-from gdws_deploy.context_timing import FIXED, ContextTimer, Form, saves_macs, uniform_macs
-from gdws_deploy.cost_model import CostModel
-from gdws_deploy.gdws import (
+from gdws_deploy.ir.graph import ConvLayer, TensorType
+from gdws_deploy.passes.gdws.decompose import (
     UNIFORM_PER_CHANNEL,
     USES_ALPHAS,
     ChannelSpectra,
@@ -32,9 +31,10 @@ from gdws_deploy.gdws import (
     UnreachableTargetError,
     uniform,
 )
-from gdws_deploy.graph import ConvLayer, TensorType
-from gdws_deploy.time_allocation import Budget, Option, SlowerThanBudgetError, choose_options
-from gdws_deploy.tuning import Choice, lower_model, never_slower
+from gdws_deploy.speed.context_timing import FIXED, ContextTimer, Form, saves_macs, uniform_macs
+from gdws_deploy.speed.cost_model import CostModel
+from gdws_deploy.speed.time_allocation import Budget, Option, SlowerThanBudgetError, choose_options
+from gdws_deploy.speed.tuning import Choice, lower_model, never_slower
 
 Plan = TypeVar("Plan")
 # The forms of each layer's options: m > 1 in pad and sum (m = 1 is one plain depthwise

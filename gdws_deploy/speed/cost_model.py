@@ -19,12 +19,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import GdwsFactors
-from gdws_deploy.graph import ConvLayer, TensorType, check_and_infer
-from gdws_deploy.lowering import ALIGNED_LOWERINGS
-from gdws_deploy.measure import Backend, Shape, Timing, time_models
-from gdws_deploy.rewrite import rewrite
-from gdws_deploy.tune_cache import TuneCache
+from gdws_deploy.ir.graph import ConvLayer, TensorType, check_and_infer
+from gdws_deploy.passes.gdws.decompose import GdwsFactors
+from gdws_deploy.passes.gdws.lowering import ALIGNED_LOWERINGS
+from gdws_deploy.passes.gdws.rewrite import rewrite
+from gdws_deploy.speed.backends import Backend, Shape, Timing, time_models
+from gdws_deploy.speed.tune_cache import TuneCache
 
 # Layers: the fastest query, as other processes only ever slow a query down.
 LAYER_TIMING = Timing(rounds=3, queries=6, seconds=0.1, warmup_ms=10.0, statistic="min")

@@ -166,12 +166,12 @@ def _digits(split: Optional[str]) -> Arrays:
 
 
 def _photos(split: Optional[str]) -> Arrays:
-    """The photo-patch task of the bundled robust model (gdws_deploy.photo_patches).
+    """The photo-patch task of the bundled robust model (gdws_deploy.robustness.photo_patches).
 
     The loader groups patches by class in raster order; they are dealt out class by class
     from a fixed shuffle, so any first N (--limit) is balanced and spread over each photo.
     """
-    from gdws_deploy.photo_patches import load_photo_patches
+    from gdws_deploy.robustness.photo_patches import load_photo_patches
 
     images, labels = load_photo_patches(split or "test")
     order = _dealt_by_class(labels, np.random.default_rng(0))

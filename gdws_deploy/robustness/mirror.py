@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.graph import load_model, node_name
+from gdws_deploy.ir.graph import load_model, node_name
 
 # What a tensor is at build time: a float initializer, a known constant, a runtime value that
 # depends only on input shapes (kept on the CPU), or a runtime value that depends on data.
@@ -329,7 +329,7 @@ class Conv:
     """ONNX Conv: any rank 1-3, group, strides, dilations, pads or auto_pad.
 
     Exposes its geometry and `patches` so per-sample weight gradients can be formed
-    without re-deriving the padding (gdws_deploy.alphas).
+    without re-deriving the padding (gdws_deploy.robustness.alphas).
     """
 
     def __init__(self, info: NodeInfo) -> None:

@@ -19,13 +19,13 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import onnx
 
-from gdws_deploy.cost_model import model_input_shape
-from gdws_deploy.gdws import ChannelSpectra, uniform
-from gdws_deploy.graph import ConvLayer, TensorType
-from gdws_deploy.lowering import ELEMENTWISE, LOWERINGS, PerLayer
-from gdws_deploy.measure import Backend
-from gdws_deploy.rewrite import rewrite
-from gdws_deploy.tune_cache import TuneCache
+from gdws_deploy.ir.graph import ConvLayer, TensorType
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra, uniform
+from gdws_deploy.passes.gdws.lowering import ELEMENTWISE, LOWERINGS, PerLayer
+from gdws_deploy.passes.gdws.rewrite import rewrite
+from gdws_deploy.speed.backends import Backend
+from gdws_deploy.speed.cost_model import model_input_shape
+from gdws_deploy.speed.tune_cache import TuneCache
 
 # Per inference: profiled runs whose median is kept.
 PROFILE_RUNS = 10

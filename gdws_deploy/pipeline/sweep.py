@@ -29,8 +29,7 @@ import onnx
 
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.gdws import resolve_allocation
-from gdws_deploy.graph import (
+from gdws_deploy.ir.graph import (
     LoadedModel,
     check_and_infer,
     count_macs,
@@ -38,11 +37,12 @@ from gdws_deploy.graph import (
     load_model,
     save_model,
 )
-from gdws_deploy.operating_point import OperatingPoint, check_max_drop, convert_within_drop
-from gdws_deploy.robustness import RobustnessCheck
-from gdws_deploy.sensitivity import SELECTION, calibration_options
-from gdws_deploy.tuning import _fixed_batch as fixed_batch
-from gdws_deploy.tuning import cost_model_for
+from gdws_deploy.passes.gdws.decompose import resolve_allocation
+from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop, convert_within_drop
+from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.sensitivity import SELECTION, calibration_options
+from gdws_deploy.speed.tuning import _fixed_batch as fixed_batch
+from gdws_deploy.speed.tuning import cost_model_for
 
 DEFAULT_MAC_REDUCTIONS = (1.5, 2.0, 3.0, 4.0)
 DEFAULT_BENCH_BATCH = 32
@@ -202,7 +202,7 @@ def run_sweep(
 
 def write_sweep(result: SweepResult, out_dir: Union[str, Path]) -> Tuple[Path, Path]:
     """sweep.json and sweep.png in `out_dir`, each written atomically."""
-    from gdws_deploy.plot import save_sweep_plot
+    from gdws_deploy.pipeline.plot import save_sweep_plot
 
     out = Path(out_dir)
     with atomic_open(out / JSON_NAME) as handle:
@@ -419,7 +419,7 @@ def _macs(model: onnx.ModelProto) -> int:
 
 
 def _convert(loaded: LoadedModel, path: Path, label: str, options: Mapping[str, Any]) -> ModelEntry:
-    from gdws_deploy.conversion import convert
+    from gdws_deploy.pipeline.convert import convert
 
     converted, report = convert(loaded, check_parity=False, **options)
     save_model(converted, path, like=loaded)

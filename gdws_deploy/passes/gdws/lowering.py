@@ -33,8 +33,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from gdws_deploy.gdws import GdwsFactors
-from gdws_deploy.rewrite import Lowering, lower_exact
+from gdws_deploy.passes.gdws.decompose import GdwsFactors
+from gdws_deploy.passes.gdws.rewrite import Lowering, lower_exact
 
 # Ops that act on each channel alone and whose only non-data inputs are scalar constants.
 ELEMENTWISE = frozenset(

@@ -1,0 +1,1 @@
+"""The model as loaded and analyzed once (shapes, MACs, eligible layers), and parity."""

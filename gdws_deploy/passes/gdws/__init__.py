@@ -1,0 +1,1 @@
+"""GDWS: per-channel SVD, LEGO/MEGO and budgets, the rewrite and its lowerings."""

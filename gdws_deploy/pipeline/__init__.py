@@ -1,0 +1,1 @@
+"""Orchestration: convert (options in, report out), operating point, sweep, plot."""

@@ -1,0 +1,1 @@
+"""What a conversion costs in robustness: mirror, attacks, evaluation, alphas, data."""

@@ -1,0 +1,187 @@
+"""Bad input to every verb ends in one error line, a non-zero exit and nothing left behind.
+
+Each case runs in its own folder holding a copy of every input (a small real model, broken
+models, bad data and alphas files) and checks the folder afterwards: the same files with the
+same bytes, so no output, half-written temporary (.NAME.XXXX.tmp) or staging folder was left
+and no input was touched. Only the command line is used, so this pins what a user sees.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.cli_run import CliResult, run_cli
+from tests.conv_models import ConvSpec, conv_chain
+
+
+class Case(NamedTuple):
+    id: str
+    args: Tuple[str, ...]  # run in the case's folder, which holds the files of `inputs`
+    message: str  # a fragment of the one error line
+
+
+def _model() -> onnx.ModelProto:
+    """Two Convs (the second convertible) and a class head, on digits-shaped images."""
+    return conv_chain([ConvSpec(8, weights="random"), ConvSpec(8)], (1, 8, 8), dense_head=True)
+
+
+def _rejected() -> onnx.ModelProto:
+    """The same model with one Conv reading a tensor nothing produces: the checker refuses."""
+    model = _model()
+    model.graph.node[0].input[0] = "nowhere"
+    return model
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Every input file the cases use, written once per module."""
+    folder = tmp_path_factory.mktemp("bad-inputs")
+    whole = _model().SerializeToString()
+    (folder / "model.onnx").write_bytes(whole)
+    (folder / "truncated.onnx").write_bytes(whole[: len(whole) // 2])
+    (folder / "text.onnx").write_text("a text file, not a model\n")
+    (folder / "empty.onnx").write_bytes(b"")
+    (folder / "rejected.onnx").write_bytes(_rejected().SerializeToString())
+    (folder / "a-file").write_text("a regular file, not a folder\n")
+    (folder / "text.npz").write_text("x,y\n0,1\n")
+    (folder / "text.plan").write_text("not an engine\n")
+    (folder / "a-folder").mkdir()
+    images = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    labels = np.arange(4)
+    np.savez(folder / "wrong-keys.npz", images=images, labels=labels)
+    np.savez(folder / "wrong-shape.npz", x=images[:, 0], y=labels)
+    np.savez(folder / "short-labels.npz", x=images, y=labels[:3])
+    np.savez(folder / "wrong-alphas.npz", conv1=np.ones((3, 3), np.float32))
+    return folder
+
+
+DATA = ("--dataset", "digits", "--limit", "4", "--steps", "1")
+CASES = [
+    # convert: the model file
+    Case("convert-missing-file", ("convert", "missing.onnx"), ""),
+    Case("convert-folder-as-model", ("convert", "a-folder"), ""),
+    Case("convert-truncated-onnx", ("convert", "truncated.onnx"), ""),
+    Case("convert-text-file-named-onnx", ("convert", "text.onnx"), ""),
+    Case("convert-empty-file", ("convert", "empty.onnx"), ""),
+    Case("convert-checker-rejects", ("convert", "rejected.onnx"), ""),
+    # convert: the output
+    Case("convert-output-is-input", ("convert", "model.onnx", "-o", "model.onnx"), ""),
+    Case("convert-output-in-missing-folder", ("convert", "model.onnx", "-o", "no/x.onnx"), ""),
+    Case("convert-output-under-a-file", ("convert", "model.onnx", "-o", "a-file/x.onnx"), ""),
+    # convert: targets
+    Case("convert-mac-reduction-below-1", ("convert", "model.onnx", "--mac-reduction", "0.5"), ""),
+    Case("convert-mac-reduction-not-a-number", ("convert", "model.onnx", "--mac-reduction", "abc"), ""),
+    Case("convert-negative-beta", ("convert", "model.onnx", "--beta", "-1"), ""),
+    Case("convert-budget-0", ("convert", "model.onnx", "--budget", "0"), ""),
+    Case("convert-speedup-without-tune", ("convert", "model.onnx", "--speedup", "2"), ""),
+    Case(
+        "convert-speed-ratio-without-mac-reduction",
+        ("convert", "model.onnx", "--tune", "ort", "--speed-ratio", "0.8"),
+        "",
+    ),
+    Case("convert-two-targets", ("convert", "model.onnx", "--beta", "0.1", "--budget", "2"), ""),
+    Case("convert-include-matches-nothing", ("convert", "model.onnx", "--include", "nope*"), ""),
+    Case("convert-alphas-text-file", ("convert", "model.onnx", "--alphas", "text.npz"), ""),
+    Case("convert-alphas-wrong-shape", ("convert", "model.onnx", "--alphas", "wrong-alphas.npz"), ""),
+    Case(
+        "convert-unknown-dataset-kind",
+        ("convert", "model.onnx", "--max-robust-drop", "0.01", "--dataset", "mnist"),
+        "",
+    ),
+    # eval: data
+    Case("eval-unknown-dataset-kind", ("eval", "model.onnx", "--dataset", "nope:x"), ""),
+    Case("eval-npz-missing", ("eval", "model.onnx", "--dataset", "npz:missing.npz"), ""),
+    Case("eval-npz-text-file", ("eval", "model.onnx", "--dataset", "npz:text.npz"), ""),
+    Case("eval-npz-wrong-keys", ("eval", "model.onnx", "--dataset", "npz:wrong-keys.npz"), ""),
+    Case("eval-npz-wrong-shape", ("eval", "model.onnx", "--dataset", "npz:wrong-shape.npz"), ""),
+    Case("eval-npz-short-labels", ("eval", "model.onnx", "--dataset", "npz:short-labels.npz"), ""),
+    Case("eval-limit-0", ("eval", "model.onnx", "--dataset", "digits", "--limit", "0"), ""),
+    # eval: attack and backend
+    Case("eval-eps-not-a-number", ("eval", "model.onnx", *DATA, "--eps", "x/3"), ""),
+    Case("eval-eps-divides-by-0", ("eval", "model.onnx", *DATA, "--eps", "1/0"), ""),
+    Case("eval-step-size-divides-by-0", ("eval", "model.onnx", *DATA, "--step-size", "1/0"), ""),
+    Case("eval-unknown-attack", ("eval", "model.onnx", *DATA, "--attack", "fgsm"), ""),
+    Case("eval-trt-without-engine", ("eval", "model.onnx", *DATA, "--backend", "trt"), ""),
+    Case("eval-unknown-backend", ("eval", "model.onnx", *DATA, "--backend", "nope"), ""),
+    Case("eval-json-under-a-file", ("eval", "model.onnx", *DATA, "--json", "a-file/r.json"), ""),
+    # alphas
+    Case("alphas-eps-not-a-number", ("alphas", "model.onnx", "-o", "a.npz", *DATA, "--eps", "x/3"), ""),
+    Case("alphas-output-is-input", ("alphas", "model.onnx", "-o", "model.onnx", *DATA), ""),
+    Case("alphas-text-file-model", ("alphas", "text.onnx", "-o", "a.npz", *DATA), ""),
+    # sweep
+    Case("sweep-mac-reductions-not-numbers", ("sweep", "model.onnx", *DATA, "--mac-reductions", "2,x"), ""),
+    Case("sweep-mac-reductions-below-1", ("sweep", "model.onnx", *DATA, "--mac-reductions", "0.5"), ""),
+    Case("sweep-out-is-a-file", ("sweep", "model.onnx", *DATA, "--out", "a-file"), ""),
+    # bench, trtexec
+    Case("bench-missing-engine", ("bench", "missing.plan"), ""),
+    Case("bench-text-file-engine", ("bench", "text.plan"), ""),
+    Case("bench-text-file-onnx", ("bench", "text.onnx"), ""),
+    Case("trtexec-bad-flag", ("trtexec", "--no-such-flag"), ""),
+    Case("trtexec-parse-log-missing", ("trtexec", "--parse-log", "missing.log"), ""),
+]
+
+
+def snapshot(folder: Path) -> Dict[str, Optional[bytes]]:
+    """Every file (hidden ones too) with its bytes and every folder (None), by relative path."""
+    found: Dict[str, Optional[bytes]] = {}
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            found[os.path.relpath(os.path.join(root, name), folder)] = None
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = Path(path).read_bytes()
+    return found
+
+
+def assert_failed_in_one_line(result: CliResult, message: str) -> None:
+    lines = result.err.strip().splitlines()
+    assert result.code != 0, result
+    assert "Traceback" not in result.out + result.err, result.err
+    assert len(lines) == 1 and lines[0].startswith("gdws-deploy: error: "), result.err
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_fails_in_one_line_and_leaves_the_folder_as_it_was(
+    case, inputs, tmp_path, monkeypatch, capsys
+):
+    folder = tmp_path / "case"
+    shutil.copytree(inputs, folder)
+    monkeypatch.chdir(folder)
+    before = snapshot(folder)
+    result = run_cli(capsys, *case.args)
+    print(case.id, "->", result.code, repr(result.err), file=sys.__stderr__)
+    assert_failed_in_one_line(result, case.message)
+    assert snapshot(folder) == before
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None,
+    reason="tensorrt-rtx-cu12 is not installed (pip install tensorrt-rtx-cu12)",
+)
+def test_build_of_a_text_file_fails_in_one_line_and_writes_nothing(inputs, tmp_path):
+    """TensorRT runs in a subprocess: two TensorRT flavours in one process crash."""
+    folder = tmp_path / "case"
+    shutil.copytree(inputs, folder)
+    before = snapshot(folder)
+    done = subprocess.run(
+        [sys.executable, "-m", "gdws_deploy.cli", "build", "text.onnx", "-o", "text.plan"],
+        capture_output=True,
+        text=True,
+        cwd=folder,
+        env={**os.environ, "GDWS_TENSORRT": "tensorrt_rtx"},
+        timeout=120,
+    )
+    result = CliResult(done.returncode, done.stdout, done.stderr)
+    assert_failed_in_one_line(result, "text.onnx is not a valid ONNX model")
+    assert snapshot(folder) == before
