@@ -13,7 +13,18 @@ import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import onnx
@@ -33,9 +44,9 @@ from gdws_deploy.passes.gdws.decompose import (
     mego,
     resolve_allocation,
 )
+from gdws_deploy.pipeline.options import AlphaSource, ConvertOptions
 
 if TYPE_CHECKING:
-    from gdws_deploy.speed.backends import Backend
     from gdws_deploy.speed.cost_model import CostModel
     from gdws_deploy.speed.goals import SpeedGoal
     from gdws_deploy.speed.tuning import Choice
@@ -53,9 +64,6 @@ _STRUCTURAL = ("grouped conv", "1x1 kernel")
 _RUN_TIME_WEIGHTS = ("weight is a graph input", "weight computed at run time", "quantized weight")
 
 ModelSource = Union[str, Path, onnx.ModelProto, onnx_graph.LoadedModel]
-AlphaSource = Union[str, Path, Mapping[str, np.ndarray], None]
-# What to time lowerings on: "ort", "trt", a measure.Backend, or None (no tuning).
-TuneSource = Union[str, "Backend", None]
 # progress(done, total, layer name), called after each layer is factored.
 Progress = Callable[[int, int, str], None]
 # stage(what starts now): loading, factoring N Convs, rewriting, checking parity, saving.
@@ -124,51 +132,40 @@ class ConvertReport:
 
 def convert(
     model_or_path: ModelSource,
+    options: Optional[ConvertOptions] = None,
     *,
-    beta: Optional[float] = None,
-    budget: Optional[int] = None,
-    mac_reduction: Optional[float] = None,
-    alphas: AlphaSource = None,
-    all_layers: bool = False,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    check_parity: bool = True,
     progress: Optional[Progress] = None,
     stage: Optional[Stage] = None,
-    lowering: str = "auto",
-    tune: TuneSource = None,
-    tune_batch: Optional[int] = None,
-    tune_cache: Union[str, Path, None] = None,
-    allocation: str = "auto",
-    loss_curves: Optional[Mapping[str, LossCurve]] = None,
-    spectra_cache: Optional[SpectraCache] = None,
-    speedup: Optional[float] = None,
-    speed_ratio: Optional[float] = None,
+    **changes: Any,
 ) -> Tuple[onnx.ModelProto, ConvertReport]:
     """Rewrite the eligible Convs of a model into GDWS form.
 
-    Exactly one target: `beta` (per-layer LEGO error bound), `budget` (per-layer MEGO
-    kernel count) or `mac_reduction` (whole model R times fewer MACs, least error).
-    alphas: npz path or mapping, Conv node name -> (C,) channel weights. When no layer
-    is rewritten the original model comes back (report.already_met says whether the
-    target asked for nothing); when no Conv is eligible at all, GdwsError says why. At
-    beta = 0, parity worse than 1e-4 raises.
-    lowering: auto, gather, pad, fold or dense (see gdws_deploy.passes.gdws.lowering); tune: "ort",
-    "trt" or a measure.Backend to time the forms on (auto only), at `tune_batch`
-    (default: the model's fixed batch, else 1), times kept in the `tune_cache` JSON file.
-    With a MAC-reduction target, layers tuning keeps dense free their share for the rest.
-    allocation: how a MAC-reduction target shares kernels across layers (gdws.ALLOCATIONS;
-    "auto": "measured" given `loss_curves` from gdws_deploy.robustness.sensitivity, else
-    "relative").
-    spectra_cache: reuse SVDs across calls on the same model. progress and stage: called
-    as layers are factored and as each step starts (a large model takes seconds).
-    speedup: at least this many times faster on the tune backend (gdws_deploy.speed.goals;
-    needs tune), alone or with `mac_reduction`; speed_ratio: instead, a speed-up at least
-    this times the MAC reduction reached (with `mac_reduction`).
+    options: what to do (a ConvertOptions; see its fields); keyword `changes` amend it, so
+    `convert(path, mac_reduction=2)` works as it reads. When no layer is rewritten the
+    original model comes back (report.already_met says whether the target asked for
+    nothing); when no Conv is eligible at all, GdwsError says why. At beta = 0, parity worse
+    than 1e-4 raises. With a MAC-reduction target, layers tuning keeps dense free their share
+    for the rest. progress and stage: called as layers are factored and as each step starts
+    (a large model takes seconds).
     """
     from gdws_deploy.speed import tuning
 
-    target = _target(beta, budget, mac_reduction, speedup, speed_ratio)
+    opts = ConvertOptions.of(options, **changes)
+    target = opts.describe_target()
+    beta, budget, mac_reduction = opts.beta, opts.budget, opts.mac_reduction
+    speedup, speed_ratio, lowering, tune = opts.speedup, opts.speed_ratio, opts.lowering, opts.tune
+    tune_batch, tune_cache, alphas, allocation = (
+        opts.tune_batch,
+        opts.tune_cache,
+        opts.alphas,
+        opts.allocation,
+    )
+    all_layers, include, exclude = opts.all_layers, opts.include, opts.exclude
+    loss_curves, spectra_cache, check_parity = (
+        opts.loss_curves,
+        opts.spectra_cache,
+        opts.check_parity,
+    )
     model = _load(model_or_path).model
     costs = tuning.cost_model_for(lowering, tune, tune_batch, tune_cache, model)
     goal = None
@@ -261,7 +258,13 @@ def convert(
 
 
 def convert_file(
-    source: Union[str, Path], output: Union[str, Path], **options
+    source: Union[str, Path],
+    output: Union[str, Path],
+    options: Optional[ConvertOptions] = None,
+    *,
+    progress: Optional[Progress] = None,
+    stage: Optional[Stage] = None,
+    **changes: Any,
 ) -> Tuple[ConvertReport, bool]:
     """convert() from file to file, stored as the source was (external data or not).
 
@@ -271,14 +274,13 @@ def convert_file(
     toward the target. The output path is checked before any work; the input is never
     modified.
     """
-    _target(
-        *(options.get(n) for n in ("beta", "budget", "mac_reduction", "speedup", "speed_ratio"))
-    )
+    opts = ConvertOptions.of(options, **changes)
+    opts.describe_target()
     check_output_path(output, source)
-    say = options.get("stage") or _quiet
+    say = stage or _quiet
     say(f"loading {source}")
     loaded = onnx_graph.load_model(source)
-    model, report = convert(loaded, **options)
+    model, report = convert(loaded, opts, progress=progress, stage=stage)
     if not report.converted and not report.already_met:
         raise _nothing_rewritten(report)
     say(f"saving {output}")
@@ -298,48 +300,6 @@ def _load(source: ModelSource) -> onnx_graph.LoadedModel:
     if isinstance(source, (str, Path)):
         return onnx_graph.load_model(source)
     raise GdwsError(f"expected an ONNX model or a path, got {type(source).__name__}")
-
-
-def _target(
-    beta: Optional[float],
-    budget: Optional[int],
-    mac_reduction: Optional[float],
-    speedup: Optional[float] = None,
-    speed_ratio: Optional[float] = None,
-) -> str:
-    """Validate that exactly one target is given (a speed goal may join a MAC reduction);
-    describe it for the report."""
-    given = {
-        name: value
-        for name, value in (("beta", beta), ("budget", budget), ("mac_reduction", mac_reduction))
-        if value is not None
-    }
-    goals = {
-        name: value
-        for name, value in (("speedup", speedup), ("speed_ratio", speed_ratio))
-        if value is not None
-    }
-    if len(goals) > 1:
-        raise GdwsError("give one speed goal: a speed-up or a speed-up / MAC-reduction ratio")
-    if speedup is not None and not (np.isfinite(speedup) and speedup >= 1):
-        raise GdwsError(f"speed-up must be a finite number >= 1, got {speedup}")
-    if speed_ratio is not None:
-        if not (np.isfinite(speed_ratio) and speed_ratio > 0):
-            raise GdwsError(f"speed ratio must be a finite number > 0, got {speed_ratio}")
-        if mac_reduction is None:
-            raise GdwsError("a speed ratio is a share of the MAC reduction: give one too")
-    if goals and (beta is not None or budget is not None):
-        raise GdwsError("a speed goal goes alone or with a MAC reduction, not beta/budget")
-    if not goals and len(given) != 1:
-        named = ", ".join(given) or "none"
-        raise GdwsError(f"give exactly one of beta, budget, mac_reduction (got {named})")
-    if beta is not None and not (np.isfinite(beta) and beta >= 0):
-        raise GdwsError(f"beta must be a finite number >= 0, got {beta}")
-    if budget is not None and (int(budget) != budget or budget < 1):
-        raise GdwsError(f"budget must be a whole number of kernels >= 1, got {budget}")
-    if mac_reduction is not None and not (np.isfinite(mac_reduction) and mac_reduction >= 1):
-        raise GdwsError(f"MAC reduction must be a finite number >= 1, got {mac_reduction}")
-    return " ".join(f"{name}={value:g}" for name, value in {**given, **goals}.items())
 
 
 def _already_met(mac_reduction: Optional[float], goal: Optional[SpeedGoal]) -> bool:
