@@ -130,6 +130,11 @@ CASES = [
         "--speedup and --speed-ratio are measured: give --tune ort|trt too",
     ),
     Case(
+        "convert-speed-ratio-without-mac-reduction",
+        ("convert", "model.onnx", "--tune", "ort", "--speed-ratio", "0.8"),
+        "--speed-ratio is a share of the MAC reduction: give --mac-reduction too",
+    ),
+    Case(
         "convert-two-targets",
         ("convert", "model.onnx", "--beta", "0.1", "--budget", "2"),
         "give exactly one of beta, budget, mac_reduction (got beta, budget)",

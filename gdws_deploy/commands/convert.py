@@ -192,6 +192,8 @@ def convert_command(
         raise GdwsError("a speed goal and --max-robust-drop's MAC search do not mix: give one")
     if (speedup, speed_ratio) != (None, None) and tune is None:
         raise GdwsError("--speedup and --speed-ratio are measured: give --tune ort|trt too")
+    if speed_ratio is not None and mac_reduction is None:  # never the default's silent 2x
+        raise GdwsError("--speed-ratio is a share of the MAC reduction: give --mac-reduction too")
     if beta is None and budget is None and mac_reduction is None and speedup is None:
         mac_reduction = DEFAULT_MAC_REDUCTION
     output = output or model.with_name(f"{model.stem}.gdws.onnx")
