@@ -23,6 +23,8 @@ def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
         if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
             raise GdwsError(f"output {out} is the input file; choose another path")
     folder = out.parent if str(out.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise GdwsError(f"output directory {folder} is a file, not a folder")
     if not folder.is_dir():
         raise GdwsError(f"output directory {folder} does not exist")
     if not os.access(folder, os.W_OK):

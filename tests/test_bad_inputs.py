@@ -101,7 +101,7 @@ CASES = [
     Case(
         "convert-output-under-a-file",
         ("convert", "model.onnx", "-o", "a-file/x.onnx"),
-        "output directory a-file",
+        "output directory a-file is a file, not a folder",
     ),
     # convert: targets
     Case(
@@ -221,7 +221,7 @@ CASES = [
     Case(
         "eval-json-under-a-file",
         ("eval", "model.onnx", *DATA, "--json", "a-file/report.json"),
-        "output directory a-file",
+        "output directory a-file is a file, not a folder",
     ),
     # alphas
     Case(
