@@ -127,7 +127,7 @@ def check_and_infer(model: onnx.ModelProto) -> Dict[str, TensorType]:
         onnx.checker.check_model(skeleton)
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise GdwsError(f"the model fails onnx.checker: {_first_line(error)}") from error
+        raise GdwsError(f"the model fails onnx.checker: {_one_line(error)}") from error
     graph = inferred.graph
     types = {
         info.name: _tensor_type(info.type)
@@ -446,6 +446,6 @@ def _batch1_numel(dims: Sequence[Dim]) -> int:
     return int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64))
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _one_line(error: Exception) -> str:
+    """The whole message on one line: onnx's often names the node only on its later lines."""
+    return " ".join(str(error).split()) or type(error).__name__
