@@ -32,6 +32,7 @@ import onnx
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.passes.gdws.decompose import (
     USES_ALPHAS,
     ChannelSpectra,
@@ -175,20 +176,18 @@ def convert(
         from gdws_deploy.speed.goals import SpeedGoal
 
         goal = SpeedGoal(speedup, speed_ratio)
-    types = onnx_graph.check_and_infer(model)
-    macs = onnx_graph.count_macs(model, types)
-    convs = onnx_graph.find_convs(model, types, macs, all_layers, include, exclude)
-    eligible = [layer for layer in convs if layer.eligible]
+    analyzed = analyze(model, all_layers, include, exclude)
+    types, macs, convs, eligible = analyzed.types, analyzed.macs, analyzed.convs, analyzed.eligible
     report = functools.partial(
         ConvertReport,
         target=target,
-        macs_before=sum(macs.values()),
+        macs_before=analyzed.total_macs,
         lowering=lowering,
         tuned=costs and costs.describe(),
     )
     if _already_met(mac_reduction, goal):
         rows = [_row(layer, None, None, "target already met") for layer in convs]
-        return model, report(layers=tuple(rows), macs_after=sum(macs.values()), already_met=True)
+        return model, report(layers=tuple(rows), macs_after=analyzed.total_macs, already_met=True)
     if not eligible:
         raise _nothing_eligible(convs, include)
     weights = _alphas(alphas, eligible)
@@ -204,7 +203,7 @@ def convert(
         beta=beta,
         budget=budget,
         mac_reduction=mac_reduction,
-        total_macs=sum(macs.values()),
+        total_macs=analyzed.total_macs,
         allocation=rule,
         curves=loss_curves or {},
     )
@@ -238,7 +237,7 @@ def convert(
     rows = [_row(layer, factors.get(layer.index), forms.get(layer.name), dense) for layer in convs]
     report = report(
         layers=tuple(rows),
-        macs_after=sum(macs.values()) - sum(row.macs_before - row.macs_after for row in rows),
+        macs_after=analyzed.total_macs - sum(row.macs_before - row.macs_after for row in rows),
         allocation=rule,
         measured_speedup=measured,
     )
