@@ -109,13 +109,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         click.echo("gdws-deploy: aborted", err=True)
         return 130
     except click.UsageError as error:
-        verb = error.ctx.command_path if error.ctx else "gdws-deploy"
+        verb = _command_path(error, sys.argv[1:] if argv is None else argv)
         click.echo(f"gdws-deploy: error: {error.format_message()} (see '{verb} --help')", err=True)
         return error.exit_code
     except click.ClickException as error:
         click.echo(f"gdws-deploy: error: {error.format_message()}", err=True)
         return error.exit_code
     return 0
+
+
+def _command_path(error: click.UsageError, argv: List[str]) -> str:
+    """The command whose --help to point at. Click's parser leaves `ctx` unset on some
+    errors (an option missing its value); the verb is then the first word of argv."""
+    if error.ctx is not None:
+        return error.ctx.command_path
+    verb = next((word for word in argv if not word.startswith("-")), None)
+    return f"gdws-deploy {verb}" if verb in VERBS else "gdws-deploy"
 
 
 if __name__ == "__main__":

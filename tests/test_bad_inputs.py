@@ -135,6 +135,11 @@ CASES = [
         "--speed-ratio is a share of the MAC reduction: give --mac-reduction too",
     ),
     Case(
+        "convert-flag-without-value",
+        ("convert", "model.onnx", "--beta"),
+        "Option '--beta' requires an argument. (see 'gdws-deploy convert --help')",
+    ),
+    Case(
         "convert-two-targets",
         ("convert", "model.onnx", "--beta", "0.1", "--budget", "2"),
         "give exactly one of beta, budget, mac_reduction (got beta, budget)",
@@ -278,6 +283,11 @@ CASES = [
         "trtexec-path-not-executable",
         ("trtexec", "--trtexec-path", "a-file", "--no-such-flag"),
         "trtexec a-file is not an executable file",
+    ),
+    Case(
+        "trtexec-flag-without-value",
+        ("trtexec", "--json"),
+        "Option '--json' requires an argument. (see 'gdws-deploy trtexec --help')",
     ),
     Case(
         "trtexec-parse-log-missing",
