@@ -18,6 +18,8 @@ _EXPORTS = {
     "lego": "gdws_deploy.passes.gdws.decompose",
     "mego": "gdws_deploy.passes.gdws.decompose",
     "convert": "gdws_deploy.pipeline.convert",
+    "ConvertOptions": "gdws_deploy.pipeline.options",
+    "load_mirror": "gdws_deploy.robustness.mirror",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.passes.gdws.decompose import ALLOCATIONS
+from gdws_deploy.passes.gdws.allocation import ALLOCATIONS
 from gdws_deploy.pipeline.convert import convert_file
 from gdws_deploy.robustness.attacks import Attack
 from gdws_deploy.robustness.evaluate import evaluate

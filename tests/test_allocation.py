@@ -10,19 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.passes.gdws.decompose import (
+from gdws_deploy.passes.gdws.allocation import (
     ALLOCATIONS,
-    ChannelSpectra,
     LayerCost,
     LossCurve,
-    SpectraCache,
     UnreachableTargetError,
     allocate,
     allocate_by_beta,
     curve_gains,
-    lego,
     resolve_allocation,
 )
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra, SpectraCache, lego
 from gdws_deploy.pipeline.convert import convert
 
 PROPERTY = settings(max_examples=15, deadline=None)

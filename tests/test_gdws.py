@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.passes.gdws.decompose import ChannelSpectra, LayerCost, allocate_budget, lego, mego
+from gdws_deploy.passes.gdws.allocation import LayerCost, allocate_budget
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra, lego, mego
 
 PROPERTY = settings(max_examples=40, deadline=None)
 

@@ -13,12 +13,8 @@ import pytest
 from gdws_deploy import convert
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import check_and_infer, count_macs, find_convs
-from gdws_deploy.passes.gdws.decompose import (
-    UNIFORM_PER_CHANNEL,
-    ChannelSpectra,
-    resolve_allocation,
-    uniform,
-)
+from gdws_deploy.passes.gdws.allocation import resolve_allocation
+from gdws_deploy.passes.gdws.decompose import UNIFORM_PER_CHANNEL, ChannelSpectra, uniform
 from gdws_deploy.robustness.attacks import make_attacks
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.data import load_dataset

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.passes.gdws.decompose import UnreachableTargetError
+from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
 from gdws_deploy.speed.time_allocation import (
     MAC_STEPS,
     Budget,

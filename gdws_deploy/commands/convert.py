@@ -15,7 +15,7 @@ from rich.table import Table
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.passes.gdws.decompose import ALLOCATIONS
+from gdws_deploy.passes.gdws.allocation import ALLOCATIONS
 
 if TYPE_CHECKING:
     from gdws_deploy.pipeline.convert import ConvertReport

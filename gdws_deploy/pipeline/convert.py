@@ -33,18 +33,14 @@ from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
 from gdws_deploy.ir.analyze import analyze
-from gdws_deploy.passes.gdws.decompose import (
+from gdws_deploy.passes.gdws.allocation import (
     USES_ALPHAS,
-    ChannelSpectra,
-    GdwsFactors,
     LayerCost,
     LossCurve,
-    SpectraCache,
     allocate,
-    lego,
-    mego,
     resolve_allocation,
 )
+from gdws_deploy.passes.gdws.decompose import ChannelSpectra, GdwsFactors, SpectraCache, lego, mego
 from gdws_deploy.pipeline.options import AlphaSource, ConvertOptions
 
 if TYPE_CHECKING:

@@ -32,7 +32,8 @@ from typing import (
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
-from gdws_deploy.passes.gdws.decompose import SpectraCache, UnreachableTargetError
+from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
+from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.robustness.check import RobustnessCheck
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ import numpy as np
 from gdws_deploy.errors import GdwsError
 
 if TYPE_CHECKING:
-    from gdws_deploy.passes.gdws.decompose import LossCurve, SpectraCache
+    from gdws_deploy.passes.gdws.allocation import LossCurve
+    from gdws_deploy.passes.gdws.decompose import SpectraCache
     from gdws_deploy.speed.backends import Backend
 
 AlphaSource = Union[str, Path, Mapping[str, np.ndarray], None]

@@ -37,7 +37,7 @@ from gdws_deploy.ir.graph import (
     load_model,
     save_model,
 )
-from gdws_deploy.passes.gdws.decompose import resolve_allocation
+from gdws_deploy.passes.gdws.allocation import resolve_allocation
 from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop, convert_within_drop
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import SELECTION, calibration_options

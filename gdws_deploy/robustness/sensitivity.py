@@ -21,14 +21,12 @@ import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.passes.gdws.allocation import USES_ALPHAS, LossCurve, resolve_allocation
 from gdws_deploy.passes.gdws.decompose import (
     UNIFORM_PER_CHANNEL,
-    USES_ALPHAS,
     ChannelSpectra,
-    LossCurve,
     SpectraCache,
     mego,
-    resolve_allocation,
     uniform,
 )
 from gdws_deploy.robustness.attacks import with_normalization, worst_case

@@ -22,13 +22,11 @@ import numpy as np
 import onnx
 
 from gdws_deploy.ir.graph import ConvLayer, TensorType
+from gdws_deploy.passes.gdws.allocation import USES_ALPHAS, LossCurve, UnreachableTargetError
 from gdws_deploy.passes.gdws.decompose import (
     UNIFORM_PER_CHANNEL,
-    USES_ALPHAS,
     ChannelSpectra,
     GdwsFactors,
-    LossCurve,
-    UnreachableTargetError,
     uniform,
 )
 from gdws_deploy.speed.context_timing import FIXED, ContextTimer, Form, saves_macs, uniform_macs

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.passes.gdws.decompose import UnreachableTargetError
+from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
 
 MAC_STEPS = 2048
 _BISECTIONS = 60
