@@ -345,22 +345,13 @@ def _calibrated(
     The search, the report (None: no target keeps the drop) and whether the output holds
     a rewritten model."""
     from gdws_deploy.pipeline.operating_point import convert_within_drop
-    from gdws_deploy.robustness.sensitivity import calibration_options
+    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.robustness.sensitivity import calibrate
 
     check_output_path(output, model)
-    alphas = options.pop("alphas")
     errors.print(f"[dim]calibrating on {len(check.dataset)} samples of {check.dataset.name}[/]")
-    speed_goal = options.get("speedup") is not None or options.get("speed_ratio") is not None
-    options.update(
-        calibration_options(
-            model,
-            check,
-            options["allocation"],
-            alphas=alphas,
-            selection=options,
-            per_channel=speed_goal,
-        )
-    )
+    calibrated = calibrate(model, check, ConvertOptions.of(**options))
+    options.update({k: getattr(calibrated, k) for k in ("spectra_cache", "loss_curves", "alphas")})
     if max_robust_drop is None:
         report, rewritten = _convert_file(
             model, output, None, None, mac_reduction, parity, None, options

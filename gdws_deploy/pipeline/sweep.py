@@ -39,8 +39,9 @@ from gdws_deploy.ir.graph import (
 )
 from gdws_deploy.passes.gdws.allocation import resolve_allocation
 from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop, convert_within_drop
+from gdws_deploy.pipeline.options import SELECTION, ConvertOptions
 from gdws_deploy.robustness.check import RobustnessCheck
-from gdws_deploy.robustness.sensitivity import SELECTION, calibration_options
+from gdws_deploy.robustness.sensitivity import calibrate
 from gdws_deploy.speed.tuning import _fixed_batch as fixed_batch
 from gdws_deploy.speed.tuning import cost_model_for
 
@@ -166,12 +167,12 @@ def run_sweep(
         paths = _output_paths(Path(model), stage, targets)
         convert_options = _shared_tune_cache(convert_options, Path(scratch))
         say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
-        options = {
-            **convert_options,
-            **calibration_options(
-                model, calibration, allocation, by_beta, alphas, selection=convert_options
-            ),
-        }
+        options = _calibrated(
+            model,
+            calibration,
+            {**convert_options, "allocation": allocation, "alphas": alphas},
+            by_beta,
+        )
         models, operating_point = _convert_all(
             Path(model),
             loaded,
@@ -189,7 +190,7 @@ def run_sweep(
             model=str(model),
             allocation="lego per layer"
             if by_beta
-            else resolve_allocation(allocation, "loss_curves" in options),
+            else resolve_allocation(allocation, options["loss_curves"] is not None),
             check=check.describe(),
             calibration=calibration.describe(),
             bench=bench,
@@ -400,18 +401,27 @@ def _convert_all(
     search_options = options
     if "beta" in (key for _, key, _ in targets):  # betas calibrate LEGO; the search needs
         cache = options["spectra_cache"]  # a MAC-target calibration of its own
-        search_options = {
-            **convert_options,
-            **calibration_options(
-                model, calibration, allocation, spectra=cache, selection=convert_options
-            ),
-        }
+        search_options = _calibrated(
+            model,
+            calibration,
+            {**convert_options, "allocation": allocation, "spectra_cache": cache},
+        )
     point = _search(model, max_robust_drop, calibration, search_options, paths, say)
     if point.best is not None:
         best = point.best
         label = f"drop<={max_robust_drop:.1%}: {best.reduction:.2f}x"
         models.append((paths["max-drop"], label, "max-drop", best.macs, best.reduction))
     return models, point
+
+
+def _calibrated(
+    model: Path, calibration: RobustnessCheck, options: Mapping[str, Any], by_beta: bool = False
+) -> Dict[str, Any]:
+    calibrated = calibrate(model, calibration, ConvertOptions.of(**options), by_beta=by_beta)
+    return {
+        **options,
+        **{k: getattr(calibrated, k) for k in ("spectra_cache", "loss_curves", "alphas")},
+    }
 
 
 def _macs(model: onnx.ModelProto) -> int:

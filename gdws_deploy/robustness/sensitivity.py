@@ -12,8 +12,9 @@ times the layers, no attack per count.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,13 +34,14 @@ from gdws_deploy.robustness.attacks import with_normalization, worst_case
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.mirror import OnnxMirror
 
+if TYPE_CHECKING:  # the pipeline's options pass through; robustness does not build them
+    from gdws_deploy.pipeline.options import ConvertOptions
+
 # Kernel counts measured per layer, in multiples of its input channels C (G = C is the
 # depthwise-separable point); 0 (the layer zeroed) is always measured too.
 DEFAULT_GRID = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # progress(layers done, layers total)
 Progress = Callable[[int, int], None]
-# convert() options that choose the layers, honoured when measuring
-SELECTION = ("all_layers", "include", "exclude")
 
 
 def measure_loss_curves(
@@ -97,36 +99,34 @@ def measure_loss_curves(
     return curves
 
 
-def calibration_options(
-    model: Union[str, Path],
+def calibrate(
+    model: Union[str, Path, onnx_graph.LoadedModel],
     check: RobustnessCheck,
-    allocation: str,
+    options: ConvertOptions,
+    *,
     by_beta: bool = False,
-    alphas: Union[str, Path, Mapping[str, np.ndarray], None] = None,
-    spectra: Optional[SpectraCache] = None,
-    selection: Optional[Mapping[str, Any]] = None,
-    per_channel: bool = False,
-) -> Dict[str, Any]:
-    """The convert() options of a calibrated conversion, measured once on `check` and
-    reused for every target: loss curves for the measured rule (what "auto" becomes with
-    data), alphas for the alpha and lego rules and for LEGO betas (the paper's way;
-    computed with the check's first attack unless given), and one SpectraCache (`spectra`
-    when given). selection: the convert() options among SELECTION, so that only the
-    layers convert will rewrite are measured. per_channel: for a speed goal (see
-    measure_loss_curves).
+) -> ConvertOptions:
+    """`options` made ready for a calibrated conversion: what its rule needs, measured once
+    on `check` and reused for every target that follows.
+
+    Fills in what `options` lacks: one SpectraCache; loss curves for the measured rule
+    (what "auto" becomes with data), of the layers options.selection picks and, under a
+    speed goal, per channel (see measure_loss_curves); alphas for the alpha and lego rules
+    and for LEGO betas (by_beta: the paper's way), computed with the check's first attack.
+    What options already hold is kept, so calibrating calibrated options measures nothing.
     """
     from gdws_deploy.robustness.alphas import compute_alphas
 
-    cache = spectra if spectra is not None else SpectraCache()
-    options: Dict[str, Any] = {"allocation": allocation, "spectra_cache": cache}
-    rule = resolve_allocation(allocation, has_curves=True, speed_goal=per_channel)
-    if not by_beta and rule == "measured":
-        chosen = {key: value for key, value in (selection or {}).items() if key in SELECTION}
-        options["loss_curves"] = measure_loss_curves(
-            model, check, cache, per_channel=per_channel, **chosen
+    cache = options.spectra_cache if options.spectra_cache is not None else SpectraCache()
+    changes: Dict[str, Any] = {"spectra_cache": cache}
+    speed_goal = options.has_speed_goal
+    rule = resolve_allocation(options.allocation, has_curves=True, speed_goal=speed_goal)
+    if not by_beta and rule == "measured" and options.loss_curves is None:
+        changes["loss_curves"] = measure_loss_curves(
+            model, check, cache, per_channel=speed_goal, **options.selection
         )
-    if alphas is None and (by_beta or rule in USES_ALPHAS):
-        alphas = compute_alphas(
+    if options.alphas is None and (by_beta or rule in USES_ALPHAS):
+        changes["alphas"] = compute_alphas(
             model,
             check.dataset,
             check.attacks[0],
@@ -135,9 +135,7 @@ def calibration_options(
             std=check.std,
             seed=check.seed,
         ).alphas
-    if alphas is not None:
-        options["alphas"] = alphas
-    return options
+    return replace(options, **changes)
 
 
 def _attacked(
