@@ -22,6 +22,8 @@ def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
     for source in inputs:
         if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
             raise GdwsError(f"output {out} is the input file; choose another path")
+    if out.is_dir():  # else found only when the finished file cannot replace it
+        raise GdwsError(f"output {out} is a folder; give a file path")
     folder = out.parent if str(out.parent) else Path(".")
     if folder.exists() and not folder.is_dir():
         raise GdwsError(f"output directory {folder} is a file, not a folder")

@@ -103,6 +103,11 @@ CASES = [
         ("convert", "model.onnx", "-o", "a-file/x.onnx"),
         "output directory a-file is a file, not a folder",
     ),
+    Case(
+        "convert-output-is-a-folder",
+        ("convert", "model.onnx", "-o", "a-folder"),
+        "output a-folder is a folder; give a file path",
+    ),
     # convert: targets
     Case(
         "convert-mac-reduction-below-1",
@@ -228,6 +233,11 @@ CASES = [
         ("eval", "model.onnx", *DATA, "--json", "a-file/report.json"),
         "output directory a-file is a file, not a folder",
     ),
+    Case(
+        "eval-json-is-a-folder",
+        ("eval", "model.onnx", *DATA, "--json", "a-folder"),
+        "output a-folder is a folder; give a file path",
+    ),
     # alphas
     Case(
         "alphas-eps-not-a-number",
@@ -238,6 +248,11 @@ CASES = [
         "alphas-output-is-input",
         ("alphas", "model.onnx", "-o", "model.onnx", *DATA),
         "output model.onnx is the input file",
+    ),
+    Case(
+        "alphas-output-is-a-folder",
+        ("alphas", "model.onnx", "-o", "a-folder", *DATA),
+        "output a-folder is a folder; give a file path",
     ),
     Case(
         "alphas-text-file-model",
@@ -268,6 +283,11 @@ CASES = [
         "bench-text-file-onnx",
         ("bench", "text.onnx"),
         "onnxruntime cannot load the model",
+    ),
+    Case(
+        "bench-json-is-a-folder",
+        ("bench", "model.onnx", "--json", "a-folder", "--warmUp", "0", "--duration", "0"),
+        "output a-folder is a folder; give a file path",
     ),
     Case(
         "trtexec-flags-with-a-saved-log",
