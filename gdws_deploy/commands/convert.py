@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from gdws_deploy.atomic import atomic_open, check_output_path
-from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
+from gdws_deploy.commands.args.attack import AttackArgs
+from gdws_deploy.commands.args.data import DataArgs
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.passes.gdws.allocation import ALLOCATIONS
 
@@ -38,6 +39,21 @@ allocation_option = click.option(
     show_default=True,
     help=ALLOCATION_HELP,
 )
+
+
+attack_options = AttackArgs()
+
+
+def dataset_options(batch_size: int, required: bool = True) -> DataArgs:
+    return DataArgs(batch_size, required)
+
+
+def attacks_from(attack_names, eps, steps, step_size, restarts):
+    return AttackArgs.build(
+        dict(
+            attack_names=attack_names, eps=eps, steps=steps, step_size=step_size, restarts=restarts
+        )
+    )
 
 
 class _Number(click.ParamType):

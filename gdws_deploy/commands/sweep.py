@@ -9,19 +9,35 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from gdws_deploy.commands.args.attack import AttackArgs
+from gdws_deploy.commands.args.data import DataArgs
 from gdws_deploy.commands.convert import (
     LOWERING_CHOICES,
     TUNE_CHOICES,
     WIDE_OUTPUT,
     allocation_option,
 )
-from gdws_deploy.commands.eval import attack_options, attacks_from, dataset_options
 from gdws_deploy.errors import GdwsError
 
 if TYPE_CHECKING:
     from gdws_deploy.pipeline.operating_point import OperatingPoint
     from gdws_deploy.pipeline.sweep import SweepResult
     from gdws_deploy.robustness.check import RobustnessCheck
+
+
+attack_options = AttackArgs()
+
+
+def dataset_options(batch_size: int, required: bool = True) -> DataArgs:
+    return DataArgs(batch_size, required)
+
+
+def attacks_from(attack_names, eps, steps, step_size, restarts):
+    return AttackArgs.build(
+        dict(
+            attack_names=attack_names, eps=eps, steps=steps, step_size=step_size, restarts=restarts
+        )
+    )
 
 
 @click.command("sweep")

@@ -1,0 +1,89 @@
+"""The attack flags: eval's, convert's and sweep's list of attacks, and alphas' single PGD."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional
+
+import click
+
+from gdws_deploy.commands.args.base import ArgGroup, Flags
+
+if TYPE_CHECKING:
+    from gdws_deploy.robustness.attacks import Attack
+
+STEPS = click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
+
+
+class AttackArgs(ArgGroup):
+    """--attack, --eps, --steps, --step-size, --restarts -> the attacks, worst case counting."""
+
+    options = (
+        click.option(
+            "--attack",
+            "attack_names",
+            default="pgd-linf",
+            show_default=True,
+            metavar="A[,A...]",
+            help="pgd-linf, pgd-l2, pgd-l1, apgd-ce, apgd-dlr, apgd-ce-l2, apgd-dlr-l2; "
+            "the worst case per sample counts.",
+        ),
+        click.option(
+            "--eps",
+            metavar="E | NORM=E,...",
+            help="Budget, e.g. 8/255 or linf=8/255,l2=0.5 [default: linf 8/255, l2 0.5, l1 12].",
+        ),
+        STEPS,
+        click.option(
+            "--step-size", metavar="S | NORM=S,...", help="PGD step [default: 2.5*eps/steps]."
+        ),
+        click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True),
+    )
+
+    @staticmethod
+    def build(flags: Flags) -> List[Attack]:
+        from gdws_deploy.robustness.attacks import make_attacks, parse_per_norm
+
+        return make_attacks(
+            flags["attack_names"],
+            parse_per_norm(flags["eps"], "--eps"),
+            flags["steps"],
+            parse_per_norm(flags["step_size"], "--step-size"),
+            flags["restarts"],
+        )
+
+
+class PerturbationArgs(ArgGroup):
+    """--attack pgd|none, --norm, --eps, --steps, --step-size -> one PGD attack, or None
+    (clean samples): what alphas are measured under."""
+
+    options = (
+        click.option(
+            "--attack",
+            type=click.Choice(["pgd", "none"]),
+            default="pgd",
+            show_default=True,
+            help="Perturb the samples with PGD first, or use them clean.",
+        ),
+        click.option(
+            "--norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True
+        ),
+        click.option(
+            "--eps", default="8/255", show_default=True, help="PGD budget (fractions allowed)."
+        ),
+        STEPS,
+        click.option(
+            "--step-size", help="PGD step [default: 2.5*eps/steps, 2/255 for the defaults]."
+        ),
+    )
+
+    @staticmethod
+    def build(flags: Flags) -> Optional[Attack]:
+        from gdws_deploy.robustness.attacks import make_attacks, parse_fraction
+
+        if flags["attack"] == "none":
+            return None
+        norm, step_size = flags["norm"], flags["step_size"]
+        budget = {norm: parse_fraction(flags["eps"], "--eps")}
+        step = {norm: parse_fraction(step_size, "--step-size")} if step_size else None
+        (attack,) = make_attacks(f"pgd-{norm}", budget, flags["steps"], step)
+        return attack

@@ -1,0 +1,36 @@
+"""eval's report table."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from gdws_deploy.robustness.evaluate import EvalReport
+
+
+def report_table(report: EvalReport) -> Table:
+    """Clean and robust accuracy on the backend, the mirror's, and the attacks run."""
+    low, high = report.robust_ci95
+    table = Table(title=f"robustness of {report.model} on {report.backend}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("samples", f"{report.samples} ({report.dataset})")
+    table.add_row("clean accuracy", f"{report.clean_acc:.2%}")
+    table.add_row("robust accuracy", f"{report.robust_acc:.2%}  [95% CI {low:.2%} - {high:.2%}]")
+    table.add_row(
+        "mirror clean / robust accuracy",
+        f"{report.mirror_clean_acc:.2%} / {report.mirror_robust_acc:.2%}",
+    )
+    table.add_row(
+        "mirror vs backend disagreements",
+        f"{report.disagreements_clean} clean, {report.disagreements_adv} adversarial",
+    )
+    for attack in report.attacks:
+        settings = f"eps {attack['eps']:.4g}, {attack['steps']} steps"
+        if attack["method"] == "pgd":
+            settings += f" of {attack['step_size']:.4g}"
+        table.add_row(f"attack {attack['name']}", f"{settings}, {attack['restarts']} restart(s)")
+    table.add_row("time", f"{report.seconds:.1f} s")
+    return table
