@@ -10,7 +10,10 @@ from search_fixtures import quick_check
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.passes.gdws.decompose import SpectraCache
+from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 from gdws_deploy.pipeline.operating_point import RESOLUTION, check_max_drop, search_operating_point
+from gdws_deploy.pipeline.options import ConvertOptions
+from gdws_deploy.robustness.sensitivity import calibrate
 from tests.cli_run import assert_one_line_error, run_cli
 
 MAX_DROP = 0.05
@@ -25,7 +28,7 @@ def digits_model(tmp_path_factory):
 def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model, tmp_path):
     cache = SpectraCache()
     point = search_operating_point(
-        digits_model, MAX_DROP, quick_check(), tmp_path, {"spectra_cache": cache}
+        digits_model, MAX_DROP, quick_check(), tmp_path, ConvertOptions(spectra_cache=cache)
     )
     best = point.best
     assert best is not None and best.within and best.drop <= MAX_DROP + 1e-9
@@ -62,6 +65,62 @@ def test_targets_out_of_reach_bound_the_search(digits_model, tmp_path):
     assert [p.reduction is None for p in point.probes] == [False, True, True]
     assert "cannot reach 50x fewer MACs: at most 3.3" in point.probes[1].note
     assert point.best == point.probes[0]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_convert_calibrated_writes_the_searched_target_calibrated_once(digits_model, tmp_path):
+    out, probes, stages = tmp_path / "fast.onnx", [], []
+    point, report, rewritten = convert_calibrated(
+        digits_model, out, ConvertOptions(), quick_check(), MAX_DROP,
+        on_probe=probes.append, stage=stages.append,
+    )  # fmt: skip
+    assert stages == ["calibrating on 100 samples of digits"]
+    assert [(p.target, p.drop) for p in probes] == [(p.target, p.drop) for p in point.probes]
+    assert point.best is not None and point.best.model is None  # the probe files are gone
+    assert report.target == f"mac_reduction={point.best.target:g}"
+    assert report.allocation == "measured" and report.reduction == point.best.reduction
+    assert rewritten and out.exists() and report.parity is not None
+    assert quick_check().evaluate(out).robust_acc == point.best.robust_acc
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_convert_calibrated_fixed_target_uses_measured_curves(digits_model, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    options = ConvertOptions(mac_reduction=1.5, check_parity=False)
+    point, report, rewritten = convert_calibrated(digits_model, out, options, quick_check())
+    assert point is None and rewritten and out.exists()
+    assert report.allocation == "measured" and report.reduction >= 1.5 and report.parity is None
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_convert_calibrated_keeping_no_drop_raises_with_the_search_and_writes_nothing(
+    digits_model, tmp_path
+):
+    out = tmp_path / "none.onnx"
+    with pytest.raises(DropNotKeptError, match="within 0: nothing written") as raised:
+        convert_calibrated(digits_model, out, ConvertOptions(), quick_check(), 0.0)
+    point = raised.value.point
+    assert point.best is None and point.probes and not any(p.within for p in point.probes)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_calibrated_checks_the_drop_before_calibrating(digits_model, tmp_path):
+    stages = []
+    with pytest.raises(GdwsError, match="max robust drop must be a fraction"):
+        convert_calibrated(
+            digits_model, tmp_path / "o.onnx", ConvertOptions(), quick_check(), 1.5,
+            stage=stages.append,
+        )  # fmt: skip
+    assert stages == []
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_calibrating_calibrated_options_measures_nothing_again(digits_model):
+    calibrated = calibrate(digits_model, quick_check(), ConvertOptions())
+    assert calibrated.loss_curves and calibrated.spectra_cache is not None
+    again = calibrate(digits_model, quick_check(), calibrated)
+    assert again.loss_curves is calibrated.loss_curves
+    assert again.spectra_cache is calibrated.spectra_cache
 
 
 @pytest.mark.parametrize("drop", [-0.1, 1.0, float("nan")])

@@ -379,7 +379,12 @@ def _calibrated(
             errors.print(f"[dim]probe {probe.target:g}x: robust drop {probe.drop:+.1%}[/]")
 
     search, report = convert_within_drop(
-        model, output, max_robust_drop, check, options, on_probe=said, check_parity=parity
+        model,
+        output,
+        max_robust_drop,
+        check,
+        ConvertOptions.of(check_parity=parity, **options),
+        on_probe=said,
     )
     return search, report, report is not None and report.converted > 0
 

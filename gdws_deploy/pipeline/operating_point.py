@@ -16,24 +16,14 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Callable,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
 from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
 from gdws_deploy.passes.gdws.decompose import SpectraCache
+from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.check import RobustnessCheck
 
 if TYPE_CHECKING:
@@ -96,7 +86,7 @@ def search_operating_point(
     max_drop: float,
     check: RobustnessCheck,
     workdir: Union[str, Path],
-    convert_options: Optional[Mapping[str, Any]] = None,
+    convert_options: Optional[ConvertOptions] = None,
     grid: Sequence[float] = COARSE_GRID,
     resolution: float = RESOLUTION,
     on_probe: Optional[Callable[[Probe], None]] = None,
@@ -104,8 +94,8 @@ def search_operating_point(
     """Search the MAC-reduction target of `model` whose robust drop under `check` stays
     within `max_drop`; probe models are written to `workdir` (best.model is the answer).
 
-    convert_options: passed to every convert() call (allocation, alphas, loss_curves,
-    include, ...); a SpectraCache is added when it has none.
+    convert_options: what every probe is converted with (allocation, alphas, loss_curves,
+    include, ...) but its MAC target; a SpectraCache is added when it has none.
     """
     check_max_drop(max_drop)
     if not grid or any(t <= 1 for t in grid) or list(grid) != sorted(grid):
@@ -113,7 +103,7 @@ def search_operating_point(
     if not resolution > 0:
         raise GdwsError(f"search resolution must be > 0, got {resolution}")
     loaded = load_model(model)
-    options = {"spectra_cache": SpectraCache(), **(convert_options or {})}
+    options = _sharing_spectra(convert_options)
     baseline = check.evaluate(model)
     probes: List[Probe] = []
 
@@ -149,12 +139,12 @@ def convert_within_drop(
     output: Union[str, Path],
     max_drop: float,
     check: RobustnessCheck,
-    convert_options: Optional[Mapping[str, Any]] = None,
+    convert_options: Optional[ConvertOptions] = None,
     on_probe: Optional[Callable[[Probe], None]] = None,
-    check_parity: bool = True,
 ) -> Tuple[OperatingPoint, Optional[ConvertReport]]:
     """`convert --max-robust-drop`: search, then write the answer to `output` as
-    convert_file does (the conversion is deterministic: the same model as its probe).
+    convert_file does (the conversion is deterministic: the same model as its probe;
+    convert_options.check_parity says whether its parity is checked).
 
     The report is None, and nothing is written, when no target keeps the drop.
     """
@@ -162,7 +152,7 @@ def convert_within_drop(
 
     check_max_drop(max_drop)
     check_output_path(output, source)
-    options = {"spectra_cache": SpectraCache(), **(convert_options or {})}
+    options = _sharing_spectra(convert_options)
     with tempfile.TemporaryDirectory(prefix="gdws-search-") as workdir:
         point = search_operating_point(source, max_drop, check, workdir, options, on_probe=on_probe)
     point = replace(  # the probe files went with the temporary folder
@@ -172,16 +162,22 @@ def convert_within_drop(
     )
     if point.best is None:
         return point, None
-    report, _ = convert_file(
-        source, output, mac_reduction=point.best.target, check_parity=check_parity, **options
-    )
+    report, _ = convert_file(source, output, options, mac_reduction=point.best.target)
     return point, report
+
+
+def _sharing_spectra(options: Optional[ConvertOptions]) -> ConvertOptions:
+    """`options` with a SpectraCache, so that the probes factor each layer once in all."""
+    options = options or ConvertOptions()
+    if options.spectra_cache is not None:
+        return options
+    return ConvertOptions.of(options, spectra_cache=SpectraCache())
 
 
 def _probe(
     loaded: LoadedModel,
     target: float,
-    options: Mapping[str, Any],
+    options: ConvertOptions,
     check: RobustnessCheck,
     robust_acc: float,
     max_drop: float,
@@ -193,7 +189,7 @@ def _probe(
 
     target = float(f"{target:.4g}")
     try:
-        converted, report = convert(loaded, mac_reduction=target, check_parity=False, **options)
+        converted, report = convert(loaded, options, mac_reduction=target, check_parity=False)
     except UnreachableTargetError as error:
         return Probe(target, within=False, note=str(error))
     path = Path(workdir) / f"probe{index:02d}-{target:g}x.onnx"
