@@ -46,6 +46,7 @@ class ConvertOptions:
     Lowering and timing: lowering (auto, gather, pad, sum, fold, dense), tune (backend to
     time forms on), tune_batch, tune_cache (JSON of measured layer times).
     check_parity: run original and converted in onnxruntime and report the deviation.
+    method: the compression pass (passes.registry: "gdws").
     """
 
     beta: Optional[float] = None
@@ -65,6 +66,7 @@ class ConvertOptions:
     tune_batch: Optional[int] = None
     tune_cache: Union[str, Path, None] = None
     check_parity: bool = True
+    method: str = "gdws"
 
     def __post_init__(self) -> None:
         # globs arrive as lists from click and as tuples from code: one hashable form
