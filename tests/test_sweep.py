@@ -22,7 +22,8 @@ from gdws_deploy.commands.sweep import sweep_command
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import check_and_infer, count_macs
 from gdws_deploy.pipeline.plot import sweep_figure
-from gdws_deploy.pipeline.sweep import BenchSettings, count_parameters, run_sweep
+from gdws_deploy.pipeline.sweep import count_parameters, run_sweep
+from gdws_deploy.pipeline.sweep_result import BenchSettings
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.data import load_dataset
 from tests.cli_run import assert_one_line_error, run_cli
@@ -79,6 +80,23 @@ def test_sweep_png_is_a_real_image(sweep):
     height, width = image.shape[:2]
     assert 300 <= height <= 2000 and 600 <= width <= 3000
     assert image[..., :3].std() > 0.05  # drawn on, not blank
+
+
+def test_sweep_of_betas_searches_the_drop_with_a_mac_calibration_of_its_own(digits_model, tmp_path):
+    """Betas take alphas (LEGO); the search's measured allocation must not get them."""
+    with torch_threads(1):
+        result = run_sweep(
+            digits_model,
+            tmp_path / "sweep",
+            quick_check(),
+            betas=[0.5],
+            max_robust_drop=0.05,
+            bench=QUICK_BENCH,
+        )
+    assert result.allocation == "lego per layer"
+    assert [p.kind for p in result.points] == ["original", "target", "max-drop"]
+    best = result.operating_point.best
+    assert best.drop <= 0.05 + 1e-9 and result.points[2].reduction == best.reduction
 
 
 def test_sweep_figure_has_labelled_axes_and_a_legend(sweep):

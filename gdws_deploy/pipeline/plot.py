@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from gdws_deploy.pipeline.sweep import SweepPoint, SweepResult
+    from gdws_deploy.pipeline.sweep_result import SweepPoint, SweepResult
 
 # kind -> (legend entry, marker, colour, size, label offset in points)
 STYLES = {

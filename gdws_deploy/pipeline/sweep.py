@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,17 +29,14 @@ import onnx
 
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.ir.graph import (
-    LoadedModel,
-    check_and_infer,
-    count_macs,
-    find_convs,
-    load_model,
-    save_model,
-)
+from gdws_deploy.ir.analyze import AnalyzedModel, analyze
+from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
 from gdws_deploy.passes.gdws.allocation import resolve_allocation
-from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop, convert_within_drop
-from gdws_deploy.pipeline.options import SELECTION, ConvertOptions
+from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
+from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop
+from gdws_deploy.pipeline.options import ConvertOptions
+from gdws_deploy.pipeline.plot import save_sweep_plot
+from gdws_deploy.pipeline.sweep_result import BenchSettings, SweepPoint, SweepResult
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 from gdws_deploy.speed.tuning import _fixed_batch as fixed_batch
@@ -53,76 +50,6 @@ PLOT_NAME = "sweep.png"
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class BenchSettings:
-    """How throughput is timed: onnxruntime CPU, trtexec's loop, models interleaved.
-    batch None: DEFAULT_BENCH_BATCH, or the model's own batch when its export fixes one."""
-
-    batch: Optional[int] = None
-    duration_s: float = 2.0
-    rounds: int = 4
-    threads: int = 0  # onnxruntime's default: one per core
-
-    def validate(self) -> None:
-        if (
-            (self.batch is not None and self.batch < 1)
-            or self.rounds < 1
-            or self.threads < 0
-            or not self.duration_s > 0
-        ):
-            raise GdwsError(
-                "bench settings need batch >= 1, rounds >= 1, threads >= 0, duration > 0"
-            )
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    """One model of the sweep. kind: original, target (a --mac-reductions or --betas
-    point) or max-drop (the --max-robust-drop answer); speedup: images/s over the
-    original's, measured in the same run."""
-
-    label: str
-    kind: str
-    model: str
-    macs: int
-    reduction: float
-    parameters: int
-    clean_acc: float
-    robust_acc: float
-    robust_ci95: Tuple[float, float]
-    images_per_s: Optional[float] = None
-    speedup: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    """Every point (the original first), the settings they were measured with, and the
-    --max-robust-drop search when one ran. allocation: the rule the targets used."""
-
-    model: str
-    allocation: str
-    check: Dict[str, Any]
-    calibration: Dict[str, Any]
-    bench: BenchSettings
-    points: Tuple[SweepPoint, ...]
-    operating_point: Optional[OperatingPoint] = None
-
-    @property
-    def original(self) -> SweepPoint:
-        return self.points[0]
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "model": self.model,
-            "allocation": self.allocation,
-            "check": self.check,
-            "calibration": self.calibration,
-            "bench": {"backend": "ort", "device": "cpu", **asdict(self.bench)},
-            "points": [asdict(point) for point in self.points],
-            "operating_point": self.operating_point.to_dict() if self.operating_point else None,
-        }
-
-
 def run_sweep(
     model: Union[str, Path],
     out_dir: Union[str, Path],
@@ -131,32 +58,32 @@ def run_sweep(
     calibration: Optional[RobustnessCheck] = None,
     mac_reductions: Optional[Sequence[float]] = None,
     betas: Optional[Sequence[float]] = None,
-    allocation: str = "auto",
-    alphas: Union[str, Path, Mapping[str, np.ndarray], None] = None,
     max_robust_drop: Optional[float] = None,
-    bench: BenchSettings = BenchSettings(),
-    convert_options: Optional[Mapping[str, Any]] = None,
+    bench: Optional[BenchSettings] = None,
+    convert_options: Optional[ConvertOptions] = None,
     progress: Optional[Progress] = None,
 ) -> SweepResult:
     """Convert `model` at every target, measure every model, write `out_dir`/sweep.json,
     sweep.png and the converted models.
 
     check: what the accuracies are measured with; calibration: the data and attacks that
-    calibrate the conversion and judge the max-robust-drop search (default: `check`).
-    convert_options: further convert() options (include, exclude, lowering, ...); with
-    tune, tune_batch defaults to the bench batch.
+    calibrate the conversion and judge the max-robust-drop search (default: `check`);
+    bench: how throughput is timed (default: BenchSettings()).
+    convert_options: how every model is converted but its target (allocation, alphas,
+    include, exclude, lowering, tune, ...); with tune, tune_batch defaults to the bench
+    batch. Parity is not checked: the sweep measures accuracy instead.
     """
     say = progress or (lambda message: None)
     targets = _targets(mac_reductions, betas)
-    resolve_allocation(allocation, has_curves=True)  # a bad name fails before any work
+    options = ConvertOptions.of(convert_options, check_parity=False)
+    resolve_allocation(options.allocation, has_curves=True)  # a bad name fails before any work
     if max_robust_drop is not None:
         check_max_drop(max_robust_drop)
     loaded = load_model(model)
-    bench = _bench_for(loaded, bench)
-    convert_options = dict(convert_options or {})
-    if convert_options.get("tune") is not None:
-        convert_options.setdefault("tune_batch", bench.batch)
-    _check_conversion(loaded, convert_options)
+    bench = _bench_for(loaded, bench or BenchSettings())
+    if options.tune is not None and options.tune_batch is None:
+        options = ConvertOptions.of(options, tune_batch=bench.batch)
+    analyzed = _check_conversion(loaded, options)
     out = Path(out_dir)
     _check_output(Path(model), out, targets, max_robust_drop is not None)
     calibration = calibration or check
@@ -165,32 +92,26 @@ def run_sweep(
     original = check.evaluate(model)
     with _staged(out) as stage, tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
         paths = _output_paths(Path(model), stage, targets)
-        convert_options = _shared_tune_cache(convert_options, Path(scratch))
+        options = _shared_tune_cache(options, Path(scratch))
         say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
-        options = _calibrated(
-            model,
-            calibration,
-            {**convert_options, "allocation": allocation, "alphas": alphas},
-            by_beta,
-        )
-        models, operating_point = _convert_all(
-            Path(model),
-            loaded,
-            targets,
-            paths,
-            options,
-            convert_options,
-            calibration,
-            allocation,
-            max_robust_drop,
-            say,
-        )
+        calibrated = calibrate(model, calibration, options, by_beta=by_beta)
+        models = [(Path(model), "original", "original", analyzed.total_macs, 1.0)]
+        for (label, key, value), path in zip(targets, paths["targets"]):
+            say(f"converting at {label}")
+            models.append(
+                _convert(loaded, path, label, ConvertOptions.of(calibrated, **{key: value}))
+            )
+        operating_point = None
+        if max_robust_drop is not None:
+            search = calibrated if not by_beta else _for_search(options, calibrated)
+            operating_point = _search(Path(model), max_robust_drop, calibration, search, paths, say)
+            models.extend(_max_drop_entry(operating_point, paths["max-drop"]))
         points = _measure(models, [original], check, bench, say)
         result = SweepResult(
             model=str(model),
             allocation="lego per layer"
             if by_beta
-            else resolve_allocation(allocation, options["loss_curves"] is not None),
+            else resolve_allocation(options.allocation, calibrated.loss_curves is not None),
             check=check.describe(),
             calibration=calibration.describe(),
             bench=bench,
@@ -203,8 +124,6 @@ def run_sweep(
 
 def write_sweep(result: SweepResult, out_dir: Union[str, Path]) -> Tuple[Path, Path]:
     """sweep.json and sweep.png in `out_dir`, each written atomically."""
-    from gdws_deploy.pipeline.plot import save_sweep_plot
-
     out = Path(out_dir)
     with atomic_open(out / JSON_NAME) as handle:
         json.dump(result.to_dict(), handle, indent=2)
@@ -351,100 +270,51 @@ def _bench_for(loaded: LoadedModel, bench: BenchSettings) -> BenchSettings:
     return bench
 
 
-def _check_conversion(loaded: LoadedModel, convert_options: Mapping[str, Any]) -> None:
+def _check_conversion(loaded: LoadedModel, options: ConvertOptions) -> AnalyzedModel:
     """Fail before any work on lowering and tune options that do not go together, or a
-    layer selection that leaves no Conv to rewrite."""
-    cost_model_for(
-        convert_options.get("lowering", "auto"),
-        convert_options.get("tune"),
-        convert_options.get("tune_batch"),
-        None,
-        loaded.model,
-    )
-    types = check_and_infer(loaded.model)
-    selection = {key: value for key, value in convert_options.items() if key in SELECTION}
-    convs = find_convs(loaded.model, types, count_macs(loaded.model, types), **selection)
-    if not any(layer.eligible for layer in convs):
+    layer selection that leaves no Conv to rewrite; the model analyzed once for the sweep."""
+    cost_model_for(options.lowering, options.tune, options.tune_batch, None, loaded.model)
+    analyzed = analyze(loaded, **options.selection)
+    if not analyzed.eligible:
         raise GdwsError("the model has no Conv that GDWS can rewrite")
+    return analyzed
 
 
-def _shared_tune_cache(options: Mapping[str, Any], scratch: Path) -> Dict[str, Any]:
+def _shared_tune_cache(options: ConvertOptions, scratch: Path) -> ConvertOptions:
     """With tuning on, one cache of layer timings for every conversion of the run."""
-    if options.get("tune") is None or options.get("tune_cache") is not None:
-        return dict(options)
-    return {**options, "tune_cache": scratch / "tune-cache.json"}
+    if options.tune is None or options.tune_cache is not None:
+        return options
+    return ConvertOptions.of(options, tune_cache=scratch / "tune-cache.json")
 
 
 # (model file, label, kind, MACs, reduction) of each model the sweep measures
 ModelEntry = Tuple[Path, str, str, int, float]
 
 
-def _convert_all(
-    model: Path,
-    loaded: LoadedModel,
-    targets: Sequence[Tuple[str, str, float]],
-    paths: Mapping[str, Any],
-    options: Mapping[str, Any],
-    convert_options: Mapping[str, Any],
-    calibration: RobustnessCheck,
-    allocation: str,
-    max_robust_drop: Optional[float],
-    say: Progress,
-) -> Tuple[List[ModelEntry], Optional[OperatingPoint]]:
-    """The original, a model per target, and the max-robust-drop answer when asked."""
-    models = [(model, "original", "original", _macs(loaded.model), 1.0)]
-    for (label, key, value), path in zip(targets, paths["targets"]):
-        say(f"converting at {label}")
-        models.append(_convert(loaded, path, label, {**options, key: value}))
-    if max_robust_drop is None:
-        return models, None
-    search_options = options
-    if "beta" in (key for _, key, _ in targets):  # betas calibrate LEGO; the search needs
-        cache = options["spectra_cache"]  # a MAC-target calibration of its own
-        search_options = _calibrated(
-            model,
-            calibration,
-            {**convert_options, "allocation": allocation, "spectra_cache": cache},
-        )
-    point = _search(model, max_robust_drop, calibration, search_options, paths, say)
-    if point.best is not None:
-        best = point.best
-        label = f"drop<={max_robust_drop:.1%}: {best.reduction:.2f}x"
-        models.append((paths["max-drop"], label, "max-drop", best.macs, best.reduction))
-    return models, point
-
-
-def _calibrated(
-    model: Path, calibration: RobustnessCheck, options: Mapping[str, Any], by_beta: bool = False
-) -> Dict[str, Any]:
-    calibrated = calibrate(model, calibration, ConvertOptions.of(**options), by_beta=by_beta)
-    return {
-        **options,
-        **{k: getattr(calibrated, k) for k in ("spectra_cache", "loss_curves", "alphas")},
-    }
-
-
-def _macs(model: onnx.ModelProto) -> int:
-    return sum(count_macs(model, check_and_infer(model)).values())
-
-
-def _convert(loaded: LoadedModel, path: Path, label: str, options: Mapping[str, Any]) -> ModelEntry:
+def _convert(loaded: LoadedModel, path: Path, label: str, options: ConvertOptions) -> ModelEntry:
     from gdws_deploy.pipeline.convert import convert
 
-    converted, report = convert(loaded, check_parity=False, **options)
+    converted, report = convert(loaded, options)
     save_model(converted, path, like=loaded)
     return path, label, "target", report.macs_after, report.reduction
+
+
+def _for_search(options: ConvertOptions, by_beta: ConvertOptions) -> ConvertOptions:
+    """The search's options when the targets are betas: those calibrate LEGO (alphas), the
+    search a MAC target of its own; the SVDs are shared."""
+    return ConvertOptions.of(options, alphas=None, spectra_cache=by_beta.spectra_cache)
 
 
 def _search(
     model: Path,
     max_drop: float,
     calibration: RobustnessCheck,
-    options: Mapping[str, Any],
+    options: ConvertOptions,
     paths: Mapping[str, Any],
     say: Progress,
 ) -> OperatingPoint:
-    """The --max-robust-drop search; its answer is written into the sweep folder."""
+    """The --max-robust-drop search, calibrated as convert's; its answer goes into the
+    sweep folder. A search that keeps no target is a result here too."""
 
     def report(probe) -> None:
         if probe.drop is None:
@@ -454,10 +324,22 @@ def _search(
         say(f"search: {probe.target:g}x -> robust drop {probe.drop:+.1%} ({verdict})")
 
     say(f"searching the largest MAC reduction within {max_drop:.3g} robust drop")
-    point, _ = convert_within_drop(
-        model, paths["max-drop"], max_drop, calibration, options, report, check_parity=False
-    )
+    try:
+        point, _, _ = convert_calibrated(
+            model, paths["max-drop"], options, calibration, max_drop, on_probe=report
+        )
+    except DropNotKeptError as error:
+        point = error.point
     return point
+
+
+def _max_drop_entry(point: OperatingPoint, path: Path) -> List[ModelEntry]:
+    """The search's answer as a model to measure; none when no target kept the drop."""
+    if point.best is None:
+        return []
+    best = point.best
+    label = f"drop<={point.max_drop:.1%}: {best.reduction:.2f}x"
+    return [(path, label, "max-drop", best.macs, best.reduction)]
 
 
 def _measure(
