@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from gdws_deploy.cli import main
-from gdws_deploy.commands.convert import LayerProgress
+from gdws_deploy.commands.render.progress import LayerProgress
 from tests.conv_models import ConvSpec, conv_chain
 
 

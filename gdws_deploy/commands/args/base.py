@@ -6,7 +6,7 @@ under Python 3.8.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import click
 
@@ -60,3 +60,14 @@ def number(cast: type, minimum: Optional[float] = None, name: Optional[str] = No
         return value
 
     return Parsed(parse, name or cast.__name__)
+
+
+def _numbers(text: str, flag: str) -> List[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise GdwsError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+# A flag of comma-separated numbers ('1.5,2,3') -> [1.5, 2.0, 3.0].
+NUMBERS = Parsed(_numbers, "numbers")

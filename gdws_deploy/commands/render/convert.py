@@ -1,0 +1,92 @@
+"""convert's layer table and totals, and its warnings on stderr."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from gdws_deploy.pipeline.convert import ConvertReport
+    from gdws_deploy.pipeline.options import ConvertOptions
+
+
+def layer_table(report: ConvertReport) -> Table:
+    """One row per Conv: kernels and MACs, or why it was left alone."""
+    table = Table(title=f"GDWS conversion ({report.target})", title_justify="left")
+    table.add_column("Conv")
+    for column in ("weight", "G", "MACs before -> after"):
+        table.add_column(column, justify="right")
+    table.add_column("lowering")
+    table.add_column("speed-up", justify="right")
+    table.add_column("weighted error (or why left dense)")
+    for layer in report.layers:
+        name, shape = escape(layer.name), "x".join(str(d) for d in layer.weight_shape)
+        lowering = layer.lowering or "-"
+        speedup = _speedup(layer.speedup)
+        if layer.kernels is None:
+            why = f"[dim]{escape(layer.skipped or '')}[/]"
+            table.add_row(name, shape, "-", _macs(layer.macs_before), lowering, speedup, why)
+            continue
+        macs = f"{_macs(layer.macs_before)} -> {_macs(layer.macs_after)}"
+        row = (str(layer.kernels), macs, lowering, speedup, f"{layer.error:.4g}")
+        table.add_row(name, shape, *row)
+    return table
+
+
+def totals(report: ConvertReport) -> str:
+    """MACs before and after, Convs rewritten, parity, and the measured speed-up if tuned."""
+    parity = "not checked" if report.parity is None else f"{report.parity:.3g}"
+    text = (
+        f"total MACs {_macs(report.macs_before)} -> {_macs(report.macs_after)} "
+        f"({report.reduction:.2f}x fewer), {report.converted} Conv(s) rewritten, "
+        f"parity (max relative output deviation vs MODEL in onnxruntime) {parity}"
+    )
+    if report.measured_speedup is not None:
+        text += f"\nmeasured {report.measured_speedup:.2f}x faster than MODEL on {report.tuned}"
+    return text
+
+
+def warnings(
+    report: ConvertReport, options: ConvertOptions, rewritten: bool, errors: Console
+) -> None:
+    """The report's notes, then a warning where outputs moved far from MODEL's or where a
+    tuned model measured short of its speed goal; one stderr line each."""
+    from gdws_deploy.ir.parity import PARITY_WARNING
+    from gdws_deploy.speed.goals import SpeedGoal
+
+    for note in report.notes:
+        errors.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    if report.parity is not None and report.parity > PARITY_WARNING:
+        errors.print(
+            f"[yellow]warning:[/] outputs deviate from MODEL's by {report.parity:.3g} of their "
+            f"range (over {PARITY_WARNING:g}): check accuracy with gdws-deploy eval",
+            soft_wrap=True,
+        )
+    if not (options.has_speed_goal and rewritten):
+        return
+    wanted = SpeedGoal(options.speedup, options.speed_ratio).wanted(report.reduction)
+    if report.measured_speedup < wanted:
+        errors.print(
+            f"[yellow]warning:[/] measured {report.measured_speedup:.2f}x, short of the "
+            f"{wanted:.2f}x asked (layer times measured in the whole model add up only roughly)",
+            soft_wrap=True,
+        )
+
+
+def _speedup(speedup: Optional[float]) -> str:
+    """A layer's dense / GDWS time; the cost model floors a form at 1% of dense."""
+    from gdws_deploy.speed.cost_model import MIN_SHARE
+
+    if speedup is None:
+        return "-"
+    return f"{speedup:.2f}x" if speedup < 1 / MIN_SHARE else f">={1 / MIN_SHARE:.0f}x"
+
+
+def _macs(count: int) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)

@@ -1,0 +1,94 @@
+"""sweep's table of points and summary, and the table of a --max-robust-drop search
+(printed by sweep and by convert)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, List
+
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from gdws_deploy.pipeline.operating_point import OperatingPoint
+    from gdws_deploy.pipeline.sweep_result import SweepResult
+
+
+def sweep_table(result: SweepResult) -> Table:
+    """One row per model: MACs, parameters, clean and robust accuracy, speed."""
+    table = Table(
+        title=f"sweep of {result.model} ({result.allocation}), robust accuracy on "
+        f"{result.check['samples']} samples of {result.check['dataset']}",
+        title_justify="left",
+    )
+    for column in (
+        "point",
+        "MACs",
+        "fewer MACs",
+        "params",
+        "clean",
+        "robust [95% CI]",
+        "images/s",
+        "speed-up",
+    ):
+        table.add_column(column, justify="left" if column == "point" else "right")
+    for p in result.points:
+        low, high = p.robust_ci95
+        table.add_row(
+            p.label,
+            f"{p.macs / 1e6:.2f}M",
+            f"{p.reduction:.2f}x",
+            f"{p.parameters / 1e3:.1f}k",
+            f"{p.clean_acc:.1%}",
+            f"{p.robust_acc:.1%} [{low:.1%}, {high:.1%}]",
+            f"{p.images_per_s:.0f}" if p.images_per_s else "-",
+            f"{p.speedup:.2f}x" if p.speedup else "-",
+        )
+    return table
+
+
+def search_table(point: OperatingPoint) -> Table:
+    """Every probe of a --max-robust-drop search, in the order run."""
+    table = Table(
+        title=f"search: largest MAC reduction losing <= {point.max_drop:.1%} robust accuracy "
+        f"(original {point.robust_acc:.1%} on {point.check['samples']} samples of "
+        f"{point.check['dataset']})",
+        title_justify="left",
+    )
+    for column in ("target", "reached", "clean", "robust", "drop", "verdict"):
+        table.add_column(column, justify="right")
+    for probe in point.probes:
+        if probe.reduction is None:
+            table.add_row(f"{probe.target:g}x", "-", "-", "-", "-", probe.note)
+            continue
+        verdict = "within" if probe.within else "beyond"
+        if probe == point.best:
+            verdict = "[bold green]chosen[/]"
+        table.add_row(
+            f"{probe.target:g}x",
+            f"{probe.reduction:.2f}x",
+            f"{probe.clean_acc:.1%}",
+            f"{probe.robust_acc:.1%}",
+            f"{probe.drop:+.1%}",
+            verdict,
+        )
+    return table
+
+
+def sweep_summary(result: SweepResult, out: Path) -> List[str]:
+    """The chosen point (if searched) and where the plot, report and models went."""
+    lines = []
+    best = result.operating_point and result.operating_point.best
+    if result.operating_point is not None and best is None:
+        lines.append("no MAC reduction keeps the robust drop within the limit: keep the original")
+    chosen = [p for p in result.points if p.kind == "max-drop"]
+    for point in chosen:
+        lines.append(
+            f"max robust drop {result.operating_point.max_drop:.1%}: {point.reduction:.2f}x fewer "
+            f"MACs, {point.speedup:.2f}x the original's images/s, robust "
+            f"{point.robust_acc:.1%} vs {result.original.robust_acc:.1%} on the eval data"
+        )
+    lines.append(f"plot: {out / 'sweep.png'}")
+    lines.append(f"report: {out / 'sweep.json'}")
+    models = ", ".join(Path(p.model).name for p in result.points if p.kind != "original")
+    lines.append(f"converted models in {out}: {models}")
+    return lines
