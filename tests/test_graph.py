@@ -10,15 +10,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.ir.graph import (
     LoadedModel,
     check_and_infer,
     count_macs,
     external_data_path,
-    find_convs,
     load_model,
     save_model,
 )
+from gdws_deploy.passes.gdws.compression import GdwsPass
 from tests.conv_models import ConvSpec, conv_chain
 
 
@@ -27,10 +28,8 @@ def digest(path) -> str:
 
 
 def layers_of(model: onnx.ModelProto, **options) -> dict:
-    types = check_and_infer(model)
-    return {
-        layer.name: layer for layer in find_convs(model, types, count_macs(model, types), **options)
-    }
+    """The model's Convs by name, as GDWS selects them."""
+    return {layer.name: layer for layer in GdwsPass().select(analyze(model, **options)).convs}
 
 
 @pytest.fixture

@@ -12,12 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gdws_deploy import convert
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.ir.graph import check_and_infer, count_macs, find_convs
+from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.ir.graph import check_and_infer
+from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gdws.decompose import GdwsFactors, lego, mego
 from gdws_deploy.passes.gdws.lowering import ALIGNED_LOWERINGS, LOWERINGS
 from gdws_deploy.passes.gdws.rewrite import rewrite
 from gdws_deploy.speed.backends import OrtBackend
-from gdws_deploy.speed.cost_model import CostModel, Form, LayerShape
+from gdws_deploy.speed.cost_model import CostModel, LayerShape, LoweringForm
 from gdws_deploy.speed.tune_cache import TuneCache
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import INPUT, OUTPUT, conv_weight, run
@@ -101,9 +103,8 @@ def gap(a: np.ndarray, b: np.ndarray) -> float:
 
 def factored(model: onnx.ModelProto, factor) -> Tuple[list, Dict]:
     """Every conv (the first included) with its factors, and the inferred types."""
-    types = check_and_infer(model)
-    layers = find_convs(model, types, count_macs(model, types), all_layers=True)
-    return [(layer, factor(layer.weight)) for layer in layers], types
+    analyzed = GdwsPass().select(analyze(model, all_layers=True))
+    return [(layer, factor(layer.weight)) for layer in analyzed.convs], analyzed.types
 
 
 def lowered(model: onnx.ModelProto, chosen, types, lowering: str) -> onnx.ModelProto:
@@ -342,7 +343,7 @@ def test_tune_cache_round_trips_and_is_keyed_by_layer_shape(tmp_path):
     costs.cache.save()
     assert TuneCache(path).seconds == costs.cache.seconds
     assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary left
-    assert costs.seconds(shapes["big"], Form("pad", 64, 1)) > 0
+    assert costs.seconds(shapes["big"], LoweringForm("pad", 64, 1)) > 0
 
 
 def _renamed(node: onnx.NodeProto, name: str) -> onnx.NodeProto:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from gdws_deploy.ir.graph import check_and_infer, count_macs, find_convs
+from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.ir.graph import check_and_infer
+from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gdws.decompose import ChannelSpectra
 from gdws_deploy.speed import context_timing
 from gdws_deploy.speed.backends import TrtBackend
-from gdws_deploy.speed.cost_model import CostModel, Form, LayerShape
+from gdws_deploy.speed.cost_model import CostModel, LayerShape, LoweringForm
 from tests.conv_models import ConvSpec, conv_chain
 from tests.test_lowering import tuning_model
 from tests.test_runtime_gpu import gpu  # noqa: F401 (the module's skip-unless-GPU fixture)
@@ -21,17 +23,22 @@ def test_tensorrt_backend_times_every_form_of_a_layer():
     types = check_and_infer(model)
     shape = LayerShape.of(model.graph.node[2], types)
     costs = CostModel(TrtBackend(), batch=4)
-    for form in (Form("dense"), Form("gather", 24, 2), Form("pad", 24, 2), Form("fold", 8, 1)):
+    for form in (
+        LoweringForm("dense"),
+        LoweringForm("gather", 24, 2),
+        LoweringForm("pad", 24, 2),
+        LoweringForm("fold", 8, 1),
+    ):
         assert costs.seconds(shape, form) > 0
     assert costs.describe().startswith("tensorrt-")
 
 
 def test_tensorrt_layer_profiler_charges_time_to_the_layers_in_context():
     model = tuning_model()
-    types = check_and_infer(model)
-    layers = [c for c in find_convs(model, types, count_macs(model, types), True) if c.eligible]
+    analyzed = GdwsPass().select(analyze(model, all_layers=True))
+    layers = analyzed.eligible
     spectra = {layer.name: ChannelSpectra.from_weight(layer.weight) for layer in layers}
-    timer = context_timing.ContextTimer(TrtBackend(), 4, model, types, layers, spectra)
-    dense = timer.seconds(context_timing.Form("dense"))
-    one = timer.seconds(context_timing.Form("sum", 1))
+    timer = context_timing.ContextTimer(TrtBackend(), 4, analyzed, layers, spectra)
+    dense = timer.seconds(context_timing.OptionForm("dense"))
+    one = timer.seconds(context_timing.OptionForm("sum", 1))
     assert dense["big"] > 0 and one["big"] > 0 and context_timing.FIXED in dense

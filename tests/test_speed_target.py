@@ -12,15 +12,23 @@ import pytest
 
 from gdws_deploy import convert
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.ir.graph import check_and_infer, count_macs, find_convs
+from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.passes.gdws.allocation import resolve_allocation
+from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gdws.decompose import UNIFORM_PER_CHANNEL, ChannelSpectra, uniform
 from gdws_deploy.robustness.attacks import make_attacks
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.data import load_dataset
 from gdws_deploy.robustness.sensitivity import measure_loss_curves
 from gdws_deploy.speed.backends import OrtBackend
-from gdws_deploy.speed.context_timing import FIXED, ContextTimer, Form, charge, owners, saves_macs
+from gdws_deploy.speed.context_timing import (
+    FIXED,
+    ContextTimer,
+    OptionForm,
+    charge,
+    owners,
+    saves_macs,
+)
 from gdws_deploy.speed.goals import ACCEPT, AIM, REFINEMENTS, SpeedGoal, refine
 from gdws_deploy.speed.time_allocation import SlowerThanBudgetError
 from tests.cli_run import assert_one_line_error, run_cli
@@ -62,16 +70,16 @@ def test_sum_adds_one_pointwise_conv_per_slice_and_folds_the_batchnorm_into_each
 
 
 def _timer(model, batch=4):
-    types = check_and_infer(model)
-    layers = [c for c in find_convs(model, types, count_macs(model, types), True) if c.eligible]
+    analyzed = GdwsPass().select(analyze(model, all_layers=True))
+    layers = analyzed.eligible
     spectra = {layer.name: ChannelSpectra.from_weight(layer.weight) for layer in layers}
-    return ContextTimer(OrtBackend(1), batch, model, types, layers, spectra), layers
+    return ContextTimer(OrtBackend(1), batch, analyzed, layers, spectra), layers
 
 
 def test_every_profiled_gdws_node_is_charged_to_its_layer():
     model = tuning_model()
     timer, layers = _timer(model)
-    lowered_model = timer.lowered(Form("sum", 2))
+    lowered_model = timer.lowered(OptionForm("sum", 2))
     owner = owners(lowered_model, [layer.name for layer in layers])
     for node in lowered_model.graph.node:
         if "/gdws_" in node.name:
@@ -86,18 +94,18 @@ def test_every_profiled_gdws_node_is_charged_to_its_layer():
 
 def test_in_context_times_come_from_the_whole_model_and_are_cached():
     timer, layers = _timer(tuning_model())
-    dense = timer.seconds(Form("dense"))
+    dense = timer.seconds(OptionForm("dense"))
     assert set(dense) == {layer.name for layer in layers} | {FIXED}
     assert all(seconds > 0 for seconds in dense.values())
-    one = timer.seconds(Form("sum", 1))
+    one = timer.seconds(OptionForm("sum", 1))
     assert one["big"] < dense["big"]  # a 64-channel 32x32 conv at 1 kernel per channel
     before = dict(timer.cache.seconds)
-    assert timer.seconds(Form("sum", 1)) == one and timer.cache.seconds == before
+    assert timer.seconds(OptionForm("sum", 1)) == one and timer.cache.seconds == before
 
 
 def test_forms_measured_together_are_profiled_in_one_pass_and_cached():
     timer, layers = _timer(tuning_model())
-    forms = [Form("dense"), Form("sum", 1), Form("pad", 2)]
+    forms = [OptionForm("dense"), OptionForm("sum", 1), OptionForm("pad", 2)]
     timer.measure(forms)
     before = dict(timer.cache.seconds)
     times = [timer.seconds(form) for form in forms]
@@ -110,7 +118,7 @@ def test_forms_measured_together_are_profiled_in_one_pass_and_cached():
 
 def test_onnxruntime_profiles_each_model_of_a_set_by_its_own_nodes():
     timer, _ = _timer(tuning_model())
-    first, second = timer.model, timer.lowered(Form("sum", 1))
+    first, second = timer.model, timer.lowered(OptionForm("sum", 1))
     shape = (2, 8, 32, 32)
     profiles = OrtBackend(1).node_seconds(
         [first.SerializeToString(), second.SerializeToString()], shape, 3
@@ -197,9 +205,7 @@ def test_measured_curves_of_a_speed_goal_cut_every_channel_alike():
     attacks = tuple(make_attacks("pgd-linf", {"linf": 4 / 255}, steps=2))
     check = RobustnessCheck(load_dataset("photos", limit=64), attacks)
     curves = measure_loss_curves(BUNDLED, check, per_channel=True)
-    model = onnx.load(str(BUNDLED))
-    types = check_and_infer(model)
-    layers = [c for c in find_convs(model, types, count_macs(model, types)) if c.eligible]
+    layers = GdwsPass().select(analyze(onnx.load(str(BUNDLED)))).eligible
     for layer in layers:
         channels = layer.weight_shape[1]
         offered = [m * channels for m in UNIFORM_PER_CHANNEL if saves_macs(layer, m)]

@@ -1,4 +1,4 @@
-"""ONNX in and out: load and check models, find the convs GDWS can rewrite, count MACs.
+"""ONNX in and out: load and check models, find the convs a pass may rewrite, count MACs.
 
 The checker and shape inference run on a *skeleton* of the model, whose large float
 weights are declared as typed graph inputs instead of carried: both are C++ passes that
@@ -27,8 +27,6 @@ Shape = Tuple[Dim, ...]
 # Initializers of these types and at least this size go into the skeleton as inputs.
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 _SKELETON_MIN_BYTES = 1024
-# Conv weights GDWS factors (numpy float types, so the SVD runs in float64 on them).
-_CONVERTIBLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 _EXTERNAL_MIN_BYTES = 1024
 # The first IR version whose initializers need not be listed as graph inputs.
 _PRIVATE_INITIALIZERS_IR = 4
@@ -57,9 +55,12 @@ class TensorType:
 
 @dataclass(frozen=True)
 class ConvLayer:
-    """One Conv node: its weight when GDWS can rewrite it, else why not.
+    """One Conv node: its weight when a pass may rewrite it, else why not.
 
-    index: position in model.graph.node; pixels: output H_out * W_out at batch 1.
+    index: position in model.graph.node; pixels: output H_out * W_out at batch 1;
+    group: its group attribute; weight_type: the onnx.TensorProto type of its weight when
+    that is a constant (None: computed or fed at run time). A compression pass reads
+    these to say which of the selected Convs it can take (passes.base).
     """
 
     index: int
@@ -69,6 +70,8 @@ class ConvLayer:
     pixels: int = 0
     weight: Optional[np.ndarray] = None
     skipped: Optional[str] = None
+    group: int = 1
+    weight_type: Optional[int] = None
 
     @property
     def eligible(self) -> bool:
@@ -209,9 +212,10 @@ def find_convs(
 ) -> List[ConvLayer]:
     """Every Conv node in graph order, with its weight if eligible or the reason it is not.
 
-    macs: per-node MACs from count_macs. Eligible: a 2-D conv with group 1, a kernel
-    larger than 1x1 and a constant float weight, not the first conv unless `all_layers`,
-    its name matching an `include` glob (when any) and no `exclude` glob.
+    macs: per-node MACs from count_macs. Eligible: a constant weight and inferred shapes,
+    not the first conv unless `all_layers`, its name matching an `include` glob (when any)
+    and no `exclude` glob. What a pass can rewrite besides is the pass's to say
+    (CompressionPass.why_not).
     """
     weights = _constant_weights(model)
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -226,10 +230,12 @@ def find_convs(
         weight_shape = tuple(
             d if isinstance(d, int) else -1 for d in _shape_of(types.get(weight_name))
         )
+        group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+        weight_type = None
         if weight_name in graph_inputs:
             reason = "weight is a graph input (not a constant)"
         elif weight_name in weights:
-            reason = _shape_reason(node, weight_shape, weights[weight_name].data_type)
+            reason, weight_type = None, weights[weight_name].data_type
         elif weight_name in producers and producers[weight_name].op_type == "DequantizeLinear":
             reason = "quantized weight (DequantizeLinear)"
         else:
@@ -241,11 +247,25 @@ def find_convs(
         reason = reason or _selection_reason(name, first, all_layers, include, exclude)
         first = False
         if reason is not None:
-            layers.append(ConvLayer(index, name, weight_shape, macs.get(index, 0), skipped=reason))
+            layers.append(
+                ConvLayer(
+                    index,
+                    name,
+                    weight_shape,
+                    macs.get(index, 0),
+                    skipped=reason,
+                    group=group,
+                    weight_type=weight_type,
+                )
+            )
             continue
         pixels = _batch1_numel(output_shape[2:])
         weight = numpy_helper.to_array(weights[weight_name])
-        layers.append(ConvLayer(index, name, weight.shape, macs[index], pixels, weight))
+        layers.append(
+            ConvLayer(
+                index, name, weight.shape, macs[index], pixels, weight, None, group, weight_type
+            )
+        )
     return layers
 
 
@@ -295,19 +315,6 @@ _MAC_COUNTERS = {
     "Gemm": _gemm_macs,
     "MatMul": _matmul_macs,
 }
-
-
-def _shape_reason(node: onnx.NodeProto, weight_shape: Tuple[int, ...], data_type: int):
-    group = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
-    if len(weight_shape) != 4:
-        return f"not a 2-D conv (weight rank {len(weight_shape)})"
-    if group != 1:
-        return f"grouped conv (group={group})"
-    if weight_shape[2:] == (1, 1):
-        return "1x1 kernel (already pointwise)"
-    if data_type not in _CONVERTIBLE_TYPES:
-        return f"weight type {TensorProto.DataType.Name(data_type).lower()} is not a float type"
-    return None
 
 
 def _selection_reason(

@@ -1,47 +1,30 @@
-"""The Python API of `gdws-deploy convert`: an ONNX model in, its GDWS form and a report out.
+"""The Python API of `gdws-deploy convert`: an ONNX model in, its compressed form and a
+report out.
 
-load -> check + infer shapes -> find eligible Convs -> one batched SVD per layer ->
-LEGO (beta), MEGO (budget) or a whole-model MAC allocation (gdws.ALLOCATIONS) -> rewrite
--> parity check.
+load -> analyze (check, infer shapes, MACs, Convs) -> the pass selects its layers ->
+prepare (GDWS: one batched SVD per layer) -> plan (GDWS: LEGO, MEGO or a whole-model MAC
+allocation) -> speed/ picks forms (GDWS lowerings; tuned or by rule) -> write -> verify ->
+parity -> ConvertReport.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Callable,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
-import numpy as np
 import onnx
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
-from gdws_deploy.ir.analyze import analyze
-from gdws_deploy.passes.gdws.allocation import (
-    USES_ALPHAS,
-    LayerCost,
-    LossCurve,
-    allocate,
-    resolve_allocation,
-)
-from gdws_deploy.passes.gdws.decompose import ChannelSpectra, GdwsFactors, SpectraCache, lego, mego
-from gdws_deploy.pipeline.options import AlphaSource, ConvertOptions
+from gdws_deploy.ir.analyze import AnalyzedModel, analyze
+from gdws_deploy.passes.base import CompressionPass, LayerOption, Progress, Stage
+from gdws_deploy.passes.gdws.compression import GdwsPass, layer_curves, option
+from gdws_deploy.passes.registry import pass_named
+from gdws_deploy.pipeline.options import ConvertOptions
 
 if TYPE_CHECKING:
     from gdws_deploy.speed.cost_model import CostModel
@@ -50,21 +33,10 @@ if TYPE_CHECKING:
 
 # At beta = 0 the rewrite is exact up to float rounding: parity beyond this is a failure.
 EXACT_PARITY_LIMIT = 1e-4
-# Why an eligible layer stayed dense when even one kernel costs as the dense conv.
-NO_GAIN = "GDWS form would not reduce its MACs"
-# Conv names and skip reasons an error message lists at most.
-_NAMES_SHOWN = 5
+# Skip reasons an error message lists at most.
 _REASONS_SHOWN = 2
-# graph.find_convs' skip reasons: Convs GDWS has nothing to factor in, Convs whose weights
-# are not constants.
-_STRUCTURAL = ("grouped conv", "1x1 kernel")
-_RUN_TIME_WEIGHTS = ("weight is a graph input", "weight computed at run time", "quantized weight")
 
 ModelSource = Union[str, Path, onnx.ModelProto, onnx_graph.LoadedModel]
-# progress(done, total, layer name), called after each layer is factored.
-Progress = Callable[[int, int, str], None]
-# stage(what starts now): loading, factoring N Convs, rewriting, checking parity, saving.
-Stage = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -135,106 +107,69 @@ def convert(
     stage: Optional[Stage] = None,
     **changes: Any,
 ) -> Tuple[onnx.ModelProto, ConvertReport]:
-    """Rewrite the eligible Convs of a model into GDWS form.
+    """Rewrite the eligible Convs of a model with a compression pass (GDWS by default).
 
     options: what to do (a ConvertOptions; see its fields); keyword `changes` amend it, so
     `convert(path, mac_reduction=2)` works as it reads. When no layer is rewritten the
     original model comes back (report.already_met says whether the target asked for
     nothing); when no Conv is eligible at all, GdwsError says why. At beta = 0, parity worse
     than 1e-4 raises. With a MAC-reduction target, layers tuning keeps dense free their share
-    for the rest. progress and stage: called as layers are factored and as each step starts
+    for the rest. progress and stage: called as layers are prepared and as each step starts
     (a large model takes seconds).
     """
     from gdws_deploy.speed import tuning
 
     opts = ConvertOptions.of(options, **changes)
     target = opts.describe_target()
-    beta, budget, mac_reduction = opts.beta, opts.budget, opts.mac_reduction
-    speedup, speed_ratio, lowering, tune = opts.speedup, opts.speed_ratio, opts.lowering, opts.tune
-    tune_batch, tune_cache, alphas, allocation = (
-        opts.tune_batch,
-        opts.tune_cache,
-        opts.alphas,
-        opts.allocation,
-    )
-    all_layers, include, exclude = opts.all_layers, opts.include, opts.exclude
-    loss_curves, spectra_cache, check_parity = (
-        opts.loss_curves,
-        opts.spectra_cache,
-        opts.check_parity,
-    )
+    compression = pass_named(opts.method)
     model = _load(model_or_path).model
-    costs = tuning.cost_model_for(lowering, tune, tune_batch, tune_cache, model)
+    costs = tuning.cost_model_for(opts.lowering, opts.tune, opts.tune_batch, opts.tune_cache, model)
     goal = None
-    if speedup is not None or speed_ratio is not None:
+    if opts.has_speed_goal:
         if costs is None:
             raise GdwsError("a speed goal is measured: give a backend to tune on too")
         from gdws_deploy.speed.goals import SpeedGoal
 
-        goal = SpeedGoal(speedup, speed_ratio)
-    analyzed = analyze(model, all_layers, include, exclude)
-    types, macs, convs, eligible = analyzed.types, analyzed.macs, analyzed.convs, analyzed.eligible
+        goal = SpeedGoal(opts.speedup, opts.speed_ratio)
+    if not isinstance(compression, GdwsPass) and (costs is not None or opts.lowering != "auto"):
+        raise GdwsError(
+            f"method {compression.name!r} has no lowerings: leave lowering and tune out"
+        )
+    analyzed = compression.select(analyze(model, opts.all_layers, opts.include, opts.exclude))
     report = functools.partial(
         ConvertReport,
         target=target,
         macs_before=analyzed.total_macs,
-        lowering=lowering,
+        lowering=opts.lowering,
         tuned=costs and costs.describe(),
     )
-    if _already_met(mac_reduction, goal):
-        rows = [_row(layer, None, None, "target already met") for layer in convs]
+    if _already_met(opts.mac_reduction, goal):
+        rows = [
+            _row(compression, layer, None, None, "target already met") for layer in analyzed.convs
+        ]
         return model, report(layers=tuple(rows), macs_after=analyzed.total_macs, already_met=True)
-    if not eligible:
-        raise _nothing_eligible(convs, include)
-    weights = _alphas(alphas, eligible)
-    aimed = mac_reduction is not None or goal is not None
-    rule = _rule(allocation, weights, loss_curves, goal is not None) if aimed else None
+    if not analyzed.eligible:
+        raise compression.nothing_eligible(analyzed.convs, opts.include)
+    opts = compression.prepare(analyzed, opts, progress=progress, stage=stage)
+    aimed = opts.mac_reduction is not None or goal is not None
     say = stage or _quiet
-    cache = spectra_cache if spectra_cache is not None else SpectraCache()
-    say(f"factoring {len(eligible)} Conv(s)")
-    spectra = dict(zip((layer.name for layer in eligible), _spectra(eligible, progress, cache)))
-    plan = functools.partial(
-        _plan,
-        alphas=weights,
-        beta=beta,
-        budget=budget,
-        mac_reduction=mac_reduction,
-        total_macs=analyzed.total_macs,
-        allocation=rule,
-        curves=loss_curves or {},
-    )
-    measured = None
     say("rewriting" if costs is None else f"timing forms on {costs.describe()} and rewriting")
-    if goal is not None:
-        converted, chosen, forms, measured = _for_speed(
-            model,
-            types,
-            eligible,
-            spectra,
-            costs,
-            goal,
-            mac_reduction,
-            macs,
-            rule,
-            weights,
-            loss_curves or {},
-        )
-        factors = {layer.index: f for layer, f in chosen}
+    if isinstance(compression, GdwsPass):  # speed/ knows the GDWS lowerings only
+        converted, chosen, forms, measured = _gdws_forms(compression, analyzed, opts, costs, goal)
     else:
-        factors, forms = tuning.plan_forms(model, types, eligible, spectra, plan, lowering, costs)
-        chosen = [(layer, factors[layer.index]) for layer in eligible if layer.index in factors]
-        if costs is not None and chosen:
-            converted, forms, measured = tuning.never_slower(model, chosen, types, forms, costs)
-        else:
-            converted = tuning.lower_model(model, chosen, types, forms)
+        chosen = compression.plan(analyzed, analyzed.eligible, opts)
+        converted, forms, measured = compression.write(analyzed, chosen), {}, None
     if costs is not None:
         costs.cache.save()
     dense = _left_dense(target, aimed, goal is not None)
-    rows = [_row(layer, factors.get(layer.index), forms.get(layer.name), dense) for layer in convs]
+    rows = [
+        _row(compression, layer, chosen.get(layer.index), forms.get(layer.name), dense)
+        for layer in analyzed.convs
+    ]
     report = report(
         layers=tuple(rows),
         macs_after=analyzed.total_macs - sum(row.macs_before - row.macs_after for row in rows),
-        allocation=rule,
+        allocation=opts.allocation if aimed else None,
         measured_speedup=measured,
     )
     if converted is model:
@@ -246,9 +181,9 @@ def convert(
         )
         report = replace(report, notes=(*report.notes, note))
     onnx_graph.verify(converted)
-    if check_parity:
+    if opts.check_parity:
         say("checking parity in onnxruntime")
-        report = _with_parity(report, model, converted, exact=beta == 0)
+        report = _with_parity(report, model, converted, exact=opts.beta == 0)
     return converted, report
 
 
@@ -304,24 +239,6 @@ def _already_met(mac_reduction: Optional[float], goal: Optional[SpeedGoal]) -> b
     return (mac_reduction is None or mac_reduction <= 1) and (goal is None or goal.wanted(1) <= 1)
 
 
-def _nothing_eligible(convs: Sequence[onnx_graph.ConvLayer], include: Sequence[str]) -> GdwsError:
-    """Why no target could rewrite anything, in one line."""
-    if not convs:
-        return GdwsError("the model has no Conv: nothing for GDWS to do")
-    names = [layer.name for layer in convs]
-    if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
-        shown = ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
-        return GdwsError(f"--include matched no Conv (names are: {shown})")
-    kinds = Counter(layer.skipped.split(" (")[0] for layer in convs)
-    counted = ", ".join(f"{count} x {kind}" for kind, count in kinds.most_common())
-    if all(kind.startswith(_STRUCTURAL) for kind in kinds):
-        return GdwsError("all Convs are depthwise, grouped or 1x1: nothing for GDWS to do")
-    if all(kind.startswith(_RUN_TIME_WEIGHTS) for kind in kinds):
-        return GdwsError(f"no Conv has constant weights ({counted}): nothing GDWS can factor")
-    hint = "; --all-layers converts the first" if "first conv" in kinds else ""
-    return GdwsError(f"no Conv GDWS can rewrite ({counted}){hint}")
-
-
 def _nothing_rewritten(report: ConvertReport) -> GdwsError:
     """Eligible Convs, none rewritten: the target cannot be moved toward; the commonest
     reasons why."""
@@ -339,170 +256,78 @@ def _left_dense(target: str, aimed: bool, speed_goal: bool) -> str:
     return f"the kernels {target} keeps cost no fewer MACs than the dense conv"
 
 
-def _alphas(source: AlphaSource, layers: Sequence[onnx_graph.ConvLayer]) -> Dict[str, np.ndarray]:
-    """Channel weights per eligible layer name; {} without alphas (all ones).
+def _gdws_forms(
+    gdws: GdwsPass,
+    analyzed: AnalyzedModel,
+    opts: ConvertOptions,
+    costs: Optional[CostModel],
+    goal: Optional[SpeedGoal],
+) -> Tuple[onnx.ModelProto, Dict[int, LayerOption], Dict[str, Choice], Optional[float]]:
+    """GDWS factors of the eligible layers in the forms speed/ chooses: the model, the
+    options by node index (their forms final), forms by Conv name, the measured speed-up."""
+    from gdws_deploy.speed import tuning
 
-    Keys starting with "__" hold settings of whoever computed them and are ignored.
-    """
-    if source is None:
-        return {}
-    table = _read_npz(source) if isinstance(source, (str, Path)) else dict(source)
-    weights = {}
-    for layer in layers:
-        if layer.name not in table:
-            raise GdwsError(f"alphas have no entry for Conv {layer.name!r}")
-        alpha = np.asarray(table[layer.name], dtype=np.float64)
-        channels = layer.weight_shape[1]
-        if alpha.shape != (channels,):
-            raise GdwsError(
-                f"alphas for {layer.name!r} have shape {alpha.shape}, expected ({channels},)"
-            )
-        weights[layer.name] = alpha
-    return weights
+    layers = analyzed.eligible
+    if goal is not None:
+        from gdws_deploy.speed.goals import convert_for_speed
 
-
-def _read_npz(path: Union[str, Path]) -> Dict[str, np.ndarray]:
-    if not Path(path).is_file():
-        raise GdwsError(f"cannot read alphas from {path}: no such file")
-    if not zipfile.is_zipfile(path):  # np.load would try it as .npy, then as a pickle
-        raise GdwsError(f"cannot read alphas from {path}: not an npz archive (numpy.savez)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files if not key.startswith("__")}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise GdwsError(f"cannot read alphas from {path}: {error}") from error
-
-
-def _rule(
-    allocation: str,
-    alphas: Mapping[str, np.ndarray],
-    curves: Optional[Mapping[str, LossCurve]],
-    speed_goal: bool,
-) -> str:
-    """The allocation rule a MAC-reduction target runs; alphas it would ignore are an error."""
-    rule = resolve_allocation(allocation, curves is not None, speed_goal)
-    if alphas and rule not in USES_ALPHAS:
-        raise GdwsError(
-            f"allocation {rule!r} does not use alphas; give allocation "
-            f"{' or '.join(USES_ALPHAS)} with them, or leave them out"
+        mac_reduction = opts.mac_reduction
+        measured_curves = opts.allocation == "measured"
+        curves = layer_curves(opts.loss_curves, layers) if measured_curves else []
+        plan = convert_for_speed(
+            analyzed,
+            layers,
+            gdws.spectra(layers, opts),
+            costs,
+            goal,
+            mac_budget=None if mac_reduction is None else analyzed.total_macs / mac_reduction,
+            rule=opts.allocation,
+            alphas=opts.alphas or {},
+            curves=dict(zip((layer.name for layer in layers), curves)),
         )
-    return rule
-
-
-def _spectra(
-    layers: Sequence[onnx_graph.ConvLayer], progress: Optional[Progress], cache: SpectraCache
-) -> List[ChannelSpectra]:
-    """The one batched SVD per layer (from the cache when it has it), reused throughout."""
-    spectra = []
-    for done, layer in enumerate(layers, start=1):
-        spectra.append(cache.get(layer.name, layer.weight))
-        if progress is not None:
-            progress(done, len(layers), layer.name)
-    return spectra
-
-
-def _plan(
-    layers: Sequence[onnx_graph.ConvLayer],
-    spectra: Sequence[ChannelSpectra],
-    *,
-    alphas: Mapping[str, np.ndarray],
-    beta: Optional[float],
-    budget: Optional[int],
-    mac_reduction: Optional[float],
-    total_macs: int,
-    allocation: Optional[str],
-    curves: Mapping[str, LossCurve],
-) -> Dict[int, GdwsFactors]:
-    """Factors per node index, only for layers whose GDWS form has fewer MACs."""
-    if not layers:
-        return {}
-    alpha = [alphas.get(layer.name) for layer in layers]
-    if mac_reduction is not None:
-        costs = [_cost(layer) for layer in layers]
-        fixed = total_macs - sum(cost.dense_macs for cost in costs)
-        layer_curves = _curves(curves, layers) if allocation == "measured" else None
-        factors = allocate(allocation, spectra, costs, fixed, mac_reduction, alpha, layer_curves)
-    elif beta is not None:
-        factors = [lego(s, beta, a) for s, a in zip(spectra, alpha)]
+        converted, pairs, forms, measured = plan.model, plan.chosen, plan.forms, plan.measured
     else:
-        factors = [mego(s, budget, a) for s, a in zip(spectra, alpha)]
-    return {
-        layer.index: f
-        for layer, f in zip(layers, factors)
-        if f is not None and f.kernels * _cost(layer).kernel_macs < layer.macs
-    }
-
-
-def _for_speed(
-    model: onnx.ModelProto,
-    types: Mapping[str, onnx_graph.TensorType],
-    layers: Sequence[onnx_graph.ConvLayer],
-    spectra: Mapping[str, ChannelSpectra],
-    costs: CostModel,
-    goal: SpeedGoal,
-    mac_reduction: Optional[float],
-    macs: Mapping[str, int],
-    rule: str,
-    alphas: Mapping[str, np.ndarray],
-    curves: Mapping[str, LossCurve],
-) -> Tuple[onnx.ModelProto, list, Dict[str, Choice], float]:
-    """speed_target's plan for these layers: model, (layer, factors), forms, measured."""
-    from gdws_deploy.speed.goals import convert_for_speed
-
-    total = sum(macs.values())
-    names = [layer.name for layer in layers]
-    plan = convert_for_speed(
-        model,
-        types,
-        layers,
-        spectra,
-        costs,
-        goal,
-        mac_budget=None if mac_reduction is None else total / mac_reduction,
-        fixed_macs=total - sum(layer.macs for layer in layers),
-        rule=rule,
-        alphas=alphas,
-        curves=dict(zip(names, _curves(curves, layers))) if rule == "measured" else {},
-    )
-    return plan.model, plan.chosen, plan.forms, plan.measured
-
-
-def _curves(
-    curves: Mapping[str, LossCurve], layers: Sequence[onnx_graph.ConvLayer]
-) -> List[LossCurve]:
-    missing = [layer.name for layer in layers if layer.name not in curves]
-    if missing:
-        raise GdwsError(f"no measured loss curve for Conv {missing[0]!r}")
-    return [curves[layer.name] for layer in layers]
-
-
-def _cost(layer: onnx_graph.ConvLayer) -> LayerCost:
-    return LayerCost(kernel_macs=layer.kernel_macs, dense_macs=layer.macs)
+        planned, forms = tuning.plan_forms(
+            analyzed,
+            layers,
+            functools.partial(gdws.plan, analyzed, options=opts),
+            opts.lowering,
+            costs,
+        )
+        pairs = [
+            (layer, planned[layer.index].factors) for layer in layers if layer.index in planned
+        ]
+        measured = None
+        if costs is not None and pairs:
+            converted, forms, measured = tuning.never_slower(analyzed, pairs, forms, costs)
+        else:
+            converted = tuning.lower_model(analyzed, pairs, forms)
+    chosen = {layer.index: option(layer, f, forms[layer.name].lowering) for layer, f in pairs}
+    return converted, chosen, forms, measured
 
 
 def _row(
+    compression: CompressionPass,
     layer: onnx_graph.ConvLayer,
-    factors: Optional[GdwsFactors],
+    chosen: Optional[LayerOption],
     form: Optional[Choice],
     left_dense: str,
 ) -> LayerReport:
-    """The layer's report row; left_dense: why an eligible layer without factors is dense."""
-    lowering, speedup = (form.lowering, form.speedup) if form else (None, None)
-    if factors is not None and lowering != "dense":
-        after = factors.kernels * _cost(layer).kernel_macs
+    """The layer's report row; left_dense: why an eligible layer without an option is dense."""
+    speedup = form.speedup if form else None
+    lowering = form.lowering if form else (chosen.form or None) if chosen else None
+    if chosen is not None and lowering != "dense":
         return LayerReport(
             layer.name,
             layer.weight_shape,
             layer.macs,
-            after,
-            factors.kernels,
-            factors.error,
+            chosen.macs,
+            chosen.size,
+            chosen.error,
             lowering=lowering,
             speedup=speedup,
         )
-    reason = layer.skipped
-    if reason is None:
-        reason = NO_GAIN if layer.kernel_macs >= layer.macs else left_dense
+    reason = layer.skipped or compression.cannot_shrink(layer) or left_dense
     if form is not None:
         reason = f"kept dense: {form.reason}"
     return LayerReport(

@@ -32,6 +32,8 @@ import torch
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.robustness.attacks import Attack, pgd, with_normalization
 from gdws_deploy.robustness.data import Dataset
 from gdws_deploy.robustness.mirror import Conv, OnnxMirror
@@ -54,13 +56,9 @@ class ConvTarget:
 
 def eligible_convs(model: onnx.ModelProto) -> List[ConvTarget]:
     """Every Conv the convert pass could rewrite (the first one included)."""
-    types = onnx_graph.check_and_infer(model)
-    macs = onnx_graph.count_macs(model, types)
-    layers = onnx_graph.find_convs(model, types, macs, all_layers=True)
     return [
         ConvTarget(layer.name, model.graph.node[layer.index].input[1], tuple(layer.weight_shape))
-        for layer in layers
-        if layer.eligible
+        for layer in GdwsPass().select(analyze(model, all_layers=True)).eligible
     ]
 
 

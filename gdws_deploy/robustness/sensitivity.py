@@ -22,7 +22,9 @@ import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.passes.gdws.allocation import USES_ALPHAS, LossCurve, resolve_allocation
+from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gdws.decompose import (
     UNIFORM_PER_CHANNEL,
     ChannelSpectra,
@@ -63,13 +65,7 @@ def measure_loss_curves(
     gdws.UNIFORM_PER_CHANNEL, the layer cut to m kernels on every channel (gdws.uniform).
     """
     loaded = model if isinstance(model, onnx_graph.LoadedModel) else onnx_graph.load_model(model)
-    types = onnx_graph.check_and_infer(loaded.model)
-    macs = onnx_graph.count_macs(loaded.model, types)
-    layers = [
-        layer
-        for layer in onnx_graph.find_convs(loaded.model, types, macs, all_layers, include, exclude)
-        if layer.eligible
-    ]
+    layers = GdwsPass().select(analyze(loaded, all_layers, include, exclude)).eligible
     if not layers:
         raise GdwsError("the model has no Conv that GDWS can rewrite")
     spectra = spectra if spectra is not None else SpectraCache()

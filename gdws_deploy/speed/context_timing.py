@@ -19,10 +19,11 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import onnx
 
-from gdws_deploy.ir.graph import ConvLayer, TensorType
+from gdws_deploy.ir.analyze import AnalyzedModel
+from gdws_deploy.ir.graph import ConvLayer
+from gdws_deploy.passes.gdws.compression import GdwsPass, option
 from gdws_deploy.passes.gdws.decompose import ChannelSpectra, uniform
-from gdws_deploy.passes.gdws.lowering import ELEMENTWISE, LOWERINGS, PerLayer
-from gdws_deploy.passes.gdws.rewrite import rewrite
+from gdws_deploy.passes.gdws.lowering import ELEMENTWISE
 from gdws_deploy.speed.backends import Backend
 from gdws_deploy.speed.cost_model import model_input_shape
 from gdws_deploy.speed.tune_cache import TuneCache
@@ -39,7 +40,7 @@ _FLOOR = 1e-9
 
 
 @dataclass(frozen=True)
-class Form:
+class OptionForm:
     """Every layer with `per_channel` kernels on each channel, in `lowering` (0: dense)."""
 
     lowering: str
@@ -56,24 +57,24 @@ class ContextTimer:
         self,
         backend: Backend,
         batch: int,
-        model: onnx.ModelProto,
-        types: Mapping[str, TensorType],
+        analyzed: AnalyzedModel,
         layers: Sequence[ConvLayer],
         spectra: Mapping[str, ChannelSpectra],
         cache: Optional[TuneCache] = None,
     ) -> None:
         self.backend, self.batch = backend, batch
-        self.model, self.types, self.layers, self.spectra = model, types, layers, spectra
+        self.analyzed, self.layers, self.spectra = analyzed, layers, spectra
+        self.model = analyzed.model
         self.cache = cache if cache is not None else TuneCache()
-        self.digest = hashlib.sha1(model.SerializeToString()).hexdigest()[:16]
+        self.digest = hashlib.sha1(self.model.SerializeToString()).hexdigest()[:16]
 
-    def seconds(self, form: Form) -> Dict[str, float]:
+    def seconds(self, form: OptionForm) -> Dict[str, float]:
         """Seconds per inference of every layer (by name) in `form`, and FIXED's; layers
         whose form would not save MACs stay dense and are left out."""
         self.measure([form])
         return {name: self.cache.get(key) for name, key in self._keys(form).items()}
 
-    def measure(self, forms: Sequence[Form]) -> None:
+    def measure(self, forms: Sequence[OptionForm]) -> None:
         """Profile the forms not in the cache yet, together: their models run in turn, so
         the machine's drifts fall on all of them alike and their times compare."""
         missing = [
@@ -94,27 +95,26 @@ class ContextTimer:
             for name, key in self._keys(form).items():
                 self.cache.put(key, max(charged.get(name, 0.0), _FLOOR))
 
-    def lowered(self, form: Form) -> onnx.ModelProto:
+    def lowered(self, form: OptionForm) -> onnx.ModelProto:
         """The model with every layer that saves MACs in `form`."""
         if form.per_channel == 0:
             return self.model
         names = set(self._names(form))
-        chosen = [
-            (layer, uniform(self.spectra[layer.name], form.per_channel))
+        chosen = {
+            layer.index: option(
+                layer, uniform(self.spectra[layer.name], form.per_channel), form.lowering
+            )
             for layer in self.layers
             if layer.name in names
-        ]
-        if not chosen:
-            return self.model
-        lowering = PerLayer({layer.name: form.lowering for layer, _ in chosen}, LOWERINGS)
-        return rewrite(self.model, chosen, self.types, lowering)
+        }
+        return GdwsPass().write(self.analyzed, chosen)
 
-    def _names(self, form: Form) -> list:
+    def _names(self, form: OptionForm) -> list:
         if form.per_channel == 0:
             return [layer.name for layer in self.layers]
         return [layer.name for layer in self.layers if saves_macs(layer, form.per_channel)]
 
-    def _keys(self, form: Form) -> Dict[str, str]:
+    def _keys(self, form: OptionForm) -> Dict[str, str]:
         """Cache key of each layer's (and FIXED's) seconds in `form`."""
         return {
             name: (

@@ -85,7 +85,7 @@ class LayerShape:
 
 
 @dataclass(frozen=True)
-class Form:
+class LoweringForm:
     """A layer in one lowering: G kernels, at most `most` on one channel."""
 
     lowering: str
@@ -103,17 +103,17 @@ class Form:
         return self.most if self.lowering in SLICED else self.kernels
 
 
-def calibration_forms(shape: LayerShape, lowering: str) -> Tuple[Form, ...]:
+def calibration_forms(shape: LayerShape, lowering: str) -> Tuple[LoweringForm, ...]:
     """The points a form is timed at: G = 1, C, 4C (fold: 1, C; pad, sum: 1, 2, 4 slices).
 
     Gather points keep one channel over the rest so a Gather is really emitted.
     """
     c = shape.in_channels
     if lowering in SLICED:
-        return tuple(Form(lowering, m * c, m) for m in (1, 2, 4))
+        return tuple(LoweringForm(lowering, m * c, m) for m in (1, 2, 4))
     if lowering == "fold":
-        return (Form("fold", 1, 1), Form("fold", c, 1))
-    return tuple(Form("gather", g, g // c + 1) for g in (1, c, 4 * c))
+        return (LoweringForm("fold", 1, 1), LoweringForm("fold", c, 1))
+    return tuple(LoweringForm("gather", g, g // c + 1) for g in (1, c, 4 * c))
 
 
 class CostModel:
@@ -136,12 +136,12 @@ class CostModel:
     def describe(self) -> str:
         return f"{self.backend.name}, batch {self.batch}"
 
-    def key(self, shape: LayerShape, form: Form) -> str:
+    def key(self, shape: LayerShape, form: LoweringForm) -> str:
         return f"{self.backend.name} | batch {self.batch} | {shape.key()} | {form.key()}"
 
     def calibrate(self, shape: LayerShape, lowerings: Sequence[str]) -> None:
         """Time what is not cached yet of dense and these forms' points, interleaved."""
-        points = [Form("context"), Form("dense")]
+        points = [LoweringForm("context"), LoweringForm("dense")]
         for lowering in dict.fromkeys(lowerings):
             if lowering != "dense":
                 points += calibration_forms(shape, lowering)
@@ -152,7 +152,7 @@ class CostModel:
         for form, seconds in zip(missing, time_models(self.backend, models, self.timing)):
             self.cache.put(self.key(shape, form), seconds)
 
-    def seconds(self, shape: LayerShape, form: Form) -> float:
+    def seconds(self, shape: LayerShape, form: LoweringForm) -> float:
         """The layer's time in `form`: interpolated between its calibration points, past
         the last one extrapolated along the last segment (never downwards)."""
         self.calibrate(shape, (form.lowering,))
@@ -166,14 +166,14 @@ class CostModel:
         slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
         return float(ys[-1] + slope * (form.size - xs[-1]))
 
-    def _layer_seconds(self, shape: LayerShape, form: Form) -> float:
+    def _layer_seconds(self, shape: LayerShape, form: LoweringForm) -> float:
         """A calibrated point's time less its context's.
 
         Noise, or a fold sparing its producer more work than the layer costs, can take
         that to zero or below: a form counts as at least MIN_SHARE of the dense layer.
         """
-        context = self.cache.get(self.key(shape, Form("context")))
-        dense = max(self.cache.get(self.key(shape, Form("dense"))) - context, context / 100)
+        context = self.cache.get(self.key(shape, LoweringForm("context")))
+        dense = max(self.cache.get(self.key(shape, LoweringForm("dense"))) - context, context / 100)
         if form.lowering == "dense":
             return dense
         return max(self.cache.get(self.key(shape, form)) - context, dense * MIN_SHARE)
@@ -204,13 +204,13 @@ def model_input_shape(model: onnx.ModelProto, batch: int) -> Shape:
     return (batch, *rest)
 
 
-def candidate_model(shape: LayerShape, form: Form, batch: int) -> Tuple[bytes, Shape]:
+def candidate_model(shape: LayerShape, form: LoweringForm, batch: int) -> Tuple[bytes, Shape]:
     """A model of the layer in `form` between a 1x1 conv and a 1x1 pool (random
     weights), and its input shape.
 
     The context keeps the backend's own layout around the layer, as inside a network
     (onnxruntime would otherwise time layout conversions at the model's ends as part of
-    the layer), and its conv is a real producer for a fold. Form("context") is the conv
+    the layer), and its conv is a real producer for a fold. LoweringForm("context") is the conv
     and the pool alone (with the layer's stride): its time is taken off every form's.
     """
     model, types = _layer_in_context(shape, batch, context_only=form.lowering == "context")
@@ -260,7 +260,7 @@ def _layer_in_context(
     return model, check_and_infer(model)
 
 
-def _spread_factors(shape: LayerShape, form: Form) -> GdwsFactors:
+def _spread_factors(shape: LayerShape, form: LoweringForm) -> GdwsFactors:
     """Random factors with G kernels: `most` on channel 0, the rest spread evenly."""
     c, g, most = shape.in_channels, form.kernels, min(form.most, form.kernels)
     rest = np.full(c - 1, (g - most) // max(c - 1, 1))

@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import numpy as np
 import onnx
 
-from gdws_deploy.ir.graph import ConvLayer, TensorType
+from gdws_deploy.ir.analyze import AnalyzedModel
+from gdws_deploy.ir.graph import ConvLayer
 from gdws_deploy.passes.gdws.allocation import USES_ALPHAS, LossCurve, UnreachableTargetError
 from gdws_deploy.passes.gdws.decompose import (
     UNIFORM_PER_CHANNEL,
@@ -29,7 +30,13 @@ from gdws_deploy.passes.gdws.decompose import (
     GdwsFactors,
     uniform,
 )
-from gdws_deploy.speed.context_timing import FIXED, ContextTimer, Form, saves_macs, uniform_macs
+from gdws_deploy.speed.context_timing import (
+    FIXED,
+    ContextTimer,
+    OptionForm,
+    saves_macs,
+    uniform_macs,
+)
 from gdws_deploy.speed.cost_model import CostModel
 from gdws_deploy.speed.time_allocation import Budget, Option, SlowerThanBudgetError, choose_options
 from gdws_deploy.speed.tuning import Choice, lower_model, never_slower
@@ -38,7 +45,7 @@ Plan = TypeVar("Plan")
 # The forms of each layer's options: m > 1 in pad and sum (m = 1 is one plain depthwise
 # conv in either).
 OPTION_FORMS = tuple(
-    Form(lowering, m)
+    OptionForm(lowering, m)
     for m in UNIFORM_PER_CHANNEL
     for lowering in (("sum", "pad") if m > 1 else ("sum",))
 )
@@ -104,24 +111,23 @@ class SpeedPlan:
 
 
 def convert_for_speed(
-    model: onnx.ModelProto,
-    types: Mapping[str, TensorType],
+    analyzed: AnalyzedModel,
     layers: Sequence[ConvLayer],
     spectra: Mapping[str, ChannelSpectra],
     costs: CostModel,
     goal: SpeedGoal,
     *,
     mac_budget: Optional[float],
-    fixed_macs: float,
     rule: str,
     alphas: Mapping[str, np.ndarray],
     curves: Mapping[str, LossCurve],
 ) -> SpeedPlan:
-    """The least-error conversion meeting `goal` on `costs`' backend (as near as
-    REFINEMENTS allow), within `mac_budget` MACs when given."""
-    timer = ContextTimer(costs.backend, costs.batch, model, types, layers, spectra, costs.cache)
-    timer.measure([Form("dense"), *OPTION_FORMS])
-    dense = timer.seconds(Form("dense"))
+    """The least-error conversion of `layers` meeting `goal` on `costs`' backend (as near
+    as REFINEMENTS allow), within `mac_budget` MACs when given."""
+    fixed_macs = analyzed.total_macs - sum(layer.macs for layer in layers)
+    timer = ContextTimer(costs.backend, costs.batch, analyzed, layers, spectra, costs.cache)
+    timer.measure([OptionForm("dense"), *OPTION_FORMS])
+    dense = timer.seconds(OptionForm("dense"))
     original_seconds = dense[FIXED] + sum(dense[layer.name] for layer in layers)
     original = (fixed_macs + sum(layer.macs for layer in layers), original_seconds)
     options = [
@@ -133,7 +139,7 @@ def convert_for_speed(
         budget = goal.budget(aim, mac_budget, original)
         picks = choose_options(options, fixed_macs, dense[FIXED], budget)
         reduction = _predicted(picks, fixed_macs, dense[FIXED], original)[1]
-        plan = _lower(model, types, layers, spectra, costs, picks, dense, alphas, rule)
+        plan = _lower(analyzed, layers, spectra, costs, picks, dense, alphas, rule)
         return plan.measured / goal.wanted(reduction), plan
 
     try:
@@ -151,7 +157,7 @@ def convert_for_speed(
     if plan.measured >= 1.0:
         return plan
     # measured slower after all: layers go back to dense, MAC target or not
-    converted, forms, measured = never_slower(model, plan.chosen, types, plan.forms, costs)
+    converted, forms, measured = never_slower(analyzed, plan.chosen, plan.forms, costs)
     return SpeedPlan(converted, plan.chosen, forms, measured)
 
 
@@ -243,8 +249,7 @@ def option_error(
 
 
 def _lower(
-    model: onnx.ModelProto,
-    types: Mapping[str, TensorType],
+    analyzed: AnalyzedModel,
     layers: Sequence[ConvLayer],
     spectra: Mapping[str, ChannelSpectra],
     costs: CostModel,
@@ -264,6 +269,6 @@ def _lower(
         chosen.append((layer, factors))
         seconds = {"dense": dense[layer.name], pick.lowering: pick.seconds}
         forms[layer.name] = Choice(pick.lowering, seconds)
-    converted = lower_model(model, chosen, types, forms, aligned=True)
-    before, after = costs.compare(model, converted)
+    converted = lower_model(analyzed, chosen, forms, aligned=True)
+    before, after = costs.compare(analyzed.model, converted)
     return SpeedPlan(converted, chosen, forms, before / after)

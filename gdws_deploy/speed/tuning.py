@@ -21,12 +21,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.ir.graph import ConvLayer, TensorType
-from gdws_deploy.passes.gdws.decompose import ChannelSpectra, GdwsFactors
-from gdws_deploy.passes.gdws.lowering import ALIGNED_LOWERINGS, LOWERINGS, PerLayer, fold_chain
-from gdws_deploy.passes.gdws.rewrite import rewrite
+from gdws_deploy.ir.analyze import AnalyzedModel
+from gdws_deploy.ir.graph import ConvLayer
+from gdws_deploy.passes.base import LayerOption
+from gdws_deploy.passes.gdws.compression import GdwsPass, option
+from gdws_deploy.passes.gdws.decompose import GdwsFactors
+from gdws_deploy.passes.gdws.lowering import LOWERINGS, fold_chain
 from gdws_deploy.speed.backends import Backend, backend_named
-from gdws_deploy.speed.cost_model import CostModel, Form, LayerShape
+from gdws_deploy.speed.cost_model import CostModel, LayerShape, LoweringForm
 from gdws_deploy.speed.tune_cache import TuneCache
 
 STRATEGIES = ("auto", *LOWERINGS)
@@ -69,42 +71,44 @@ def cost_model_for(
 
 
 def plan_forms(
-    model: onnx.ModelProto,
-    types: Mapping[str, TensorType],
+    analyzed: AnalyzedModel,
     layers: Sequence[ConvLayer],
-    spectra: Mapping[str, ChannelSpectra],
-    plan: Callable[[Sequence[ConvLayer], Sequence[ChannelSpectra]], Dict[int, GdwsFactors]],
+    plan: Callable[[Sequence[ConvLayer]], Dict[int, LayerOption]],
     strategy: str,
     costs: Optional[CostModel],
-) -> Tuple[Dict[int, GdwsFactors], Dict[str, Choice]]:
-    """Factors (by node index) and forms (by Conv name) of the layers to rewrite.
+) -> Tuple[Dict[int, LayerOption], Dict[str, Choice]]:
+    """Options (by node index, GDWS factors) and forms (by Conv name) of the layers to
+    rewrite.
 
-    `plan` factors a set of layers. Layers that tuning keeps dense leave the set and the
-    rest is planned again, so a whole-model target (MAC reduction) is met by the layers
-    that GDWS makes faster; when the rest cannot meet it, the last plan that could stays.
+    `plan` factors a set of layers (GdwsPass.plan). Layers that tuning keeps dense leave
+    the set and the rest is planned again, so a whole-model target (MAC reduction) is met
+    by the layers that GDWS makes faster; when the rest cannot meet it, the last plan that
+    could stays.
     """
     kept: Dict[str, Choice] = {}
-    factors: Dict[int, GdwsFactors] = {}
+    options: Dict[int, LayerOption] = {}
     forms: Dict[str, Choice] = {}
     while True:
         planned = [layer for layer in layers if layer.name not in kept]
         try:
-            next_factors = plan(planned, [spectra[layer.name] for layer in planned])
+            next_options = plan(planned)
         except GdwsError:
             if not kept:
                 raise
             break
-        factors = next_factors
-        chosen = [(layer, factors[layer.index]) for layer in planned if layer.index in factors]
-        forms = choose_forms(model, chosen, types, strategy, costs)
+        options = next_options
+        chosen = [
+            (layer, options[layer.index].factors) for layer in planned if layer.index in options
+        ]
+        forms = choose_forms(analyzed, chosen, strategy, costs)
         slower = {name: c for name, c in forms.items() if c.lowering == "dense"}
         if not slower:
             break
         kept.update(slower)
-    return factors, {**kept, **forms}
+    return options, {**kept, **forms}
 
 
-def candidates(factors: GdwsFactors, foldable: bool) -> List[Form]:
+def candidates(factors: GdwsFactors, foldable: bool) -> List[LoweringForm]:
     """The forms worth costing for a layer.
 
     With at most one kernel per channel, a fold does less work than gather or pad (the
@@ -117,12 +121,12 @@ def candidates(factors: GdwsFactors, foldable: bool) -> List[Form]:
     per_channel = factors.kernels_per_channel()
     g, most = factors.kernels, int(per_channel.max())
     if foldable and most == 1:
-        return [Form("dense"), Form("fold", g, 1)]
-    forms = [Form("dense"), Form("pad", g, most)]
+        return [LoweringForm("dense"), LoweringForm("fold", g, 1)]
+    forms = [LoweringForm("dense"), LoweringForm("pad", g, most)]
     if most > 1:
-        forms.append(Form("sum", g, most))
+        forms.append(LoweringForm("sum", g, most))
     if int(per_channel.min()) != most:
-        forms.append(Form("gather", g, most))
+        forms.append(LoweringForm("gather", g, most))
     return forms
 
 
@@ -136,13 +140,13 @@ def choose(costs: CostModel, shape: LayerShape, factors: GdwsFactors, foldable: 
 
 
 def choose_forms(
-    model: onnx.ModelProto,
+    analyzed: AnalyzedModel,
     chosen: Sequence[Tuple[ConvLayer, GdwsFactors]],
-    types: Mapping[str, TensorType],
     strategy: str,
     costs: Optional[CostModel] = None,
 ) -> Dict[str, Choice]:
     """The lowering of every layer about to be rewritten, by Conv name."""
+    model, types = analyzed.model, analyzed.types
     graph = gs.import_onnx(model)
     forms = {}
     for layer, factors in chosen:
@@ -160,26 +164,20 @@ def choose_forms(
 
 
 def lower_model(
-    model: onnx.ModelProto,
+    analyzed: AnalyzedModel,
     chosen: Sequence[Tuple[ConvLayer, GdwsFactors]],
-    types: Mapping[str, TensorType],
     forms: Mapping[str, Choice],
     aligned: bool = False,
 ) -> onnx.ModelProto:
-    """The model with every layer in its chosen form (the model itself when all stay dense);
-    aligned: in the forms tuning measures (lowering.ALIGNED_LOWERINGS)."""
-    rewritten = [(layer, f) for layer, f in chosen if forms[layer.name].lowering != "dense"]
-    if not rewritten:
-        return model
-    lowerings = ALIGNED_LOWERINGS if aligned else LOWERINGS
-    lowering = PerLayer({name: choice.lowering for name, choice in forms.items()}, lowerings)
-    return rewrite(model, rewritten, types, lowering)
+    """The model with every layer in its chosen form, written by the GDWS pass (the model
+    itself when all stay dense); aligned: in the forms tuning measures."""
+    options = {layer.index: option(layer, f, forms[layer.name].lowering) for layer, f in chosen}
+    return GdwsPass().write(analyzed, options, aligned=aligned)
 
 
 def never_slower(
-    model: onnx.ModelProto,
+    analyzed: AnalyzedModel,
     chosen: Sequence[Tuple[ConvLayer, GdwsFactors]],
-    types: Mapping[str, TensorType],
     forms: Dict[str, Choice],
     costs: CostModel,
 ) -> Tuple[onnx.ModelProto, Dict[str, Choice], float]:
@@ -195,10 +193,10 @@ def never_slower(
     )
     step = 1
     while True:
-        converted = lower_model(model, chosen, types, forms, aligned=True)
-        if converted is model:
-            return model, forms, 1.0
-        before, after = costs.compare(model, converted)
+        converted = lower_model(analyzed, chosen, forms, aligned=True)
+        if converted is analyzed.model:
+            return converted, forms, 1.0
+        before, after = costs.compare(analyzed.model, converted)
         if after < before:
             return converted, forms, before / after
         for name in queue[:step]:

@@ -13,7 +13,8 @@ from typing import Dict, List
 import numpy as np
 import onnx
 
-from gdws_deploy.ir import graph as onnx_graph
+from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gdws.decompose import ChannelSpectra
 
 TOP = 3
@@ -38,8 +39,6 @@ def top_energy_shares(weight: np.ndarray, top: int = TOP) -> np.ndarray:
 def onnx_conv_spectra(model: onnx.ModelProto, top: int = TOP) -> List[Dict[str, object]]:
     """top_energy_shares of every Conv the convert pass could rewrite (the first one
     included), in graph order: one record per layer with its name, weight shape and shares."""
-    types = onnx_graph.check_and_infer(model)
-    layers = onnx_graph.find_convs(model, types, onnx_graph.count_macs(model, types), True)
     return [
         {
             "name": layer.name,
@@ -49,6 +48,5 @@ def onnx_conv_spectra(model: onnx.ModelProto, top: int = TOP) -> List[Dict[str, 
                 for i, share in enumerate(top_energy_shares(layer.weight, top))
             },
         }
-        for layer in layers
-        if layer.eligible
+        for layer in GdwsPass().select(analyze(model, all_layers=True)).eligible
     ]

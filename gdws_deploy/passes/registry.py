@@ -1,0 +1,22 @@
+"""Compression passes by name: what ConvertOptions.method and --method choose from.
+
+Only GDWS today; grouped kernel pruning, low-rank factorization and INT8 join here as
+they arrive. A dict, not a plugin system: the passes ship with the package.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.passes.base import CompressionPass
+from gdws_deploy.passes.gdws.compression import GdwsPass
+
+PASSES: Dict[str, CompressionPass] = {GdwsPass.name: GdwsPass()}
+
+
+def pass_named(name: str) -> CompressionPass:
+    """The pass registered as `name`; GdwsError naming the choices otherwise."""
+    if name not in PASSES:
+        raise GdwsError(f"unknown method {name!r} (choose from {', '.join(PASSES)})")
+    return PASSES[name]
