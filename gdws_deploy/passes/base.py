@@ -60,13 +60,13 @@ class LayerOption:
 class CompressionPass(abc.ABC):
     """A compression method the pipeline can run on a model's Convs.
 
-    name: the registry key (ConvertOptions.method); label: how messages name it;
-    tunable: whether speed/ can choose forms for its options (lowering, tune, speed goals).
+    name: the registry key (ConvertOptions.method); label: how messages name it. Forms
+    (lowerings, tuning, speed goals) are speed/'s and exist for GDWS factors only: the
+    pipeline refuses them for any other pass.
     """
 
     name: ClassVar[str]
     label: ClassVar[str]
-    tunable: ClassVar[bool] = False
     # Skip-reason prefixes of Convs the method has nothing to do in, and what to say when
     # every Conv is one.
     structural: ClassVar[Tuple[str, ...]] = ()

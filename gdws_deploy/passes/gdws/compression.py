@@ -47,7 +47,6 @@ class GdwsPass(CompressionPass):
 
     name = "gdws"
     label = "GDWS"
-    tunable = True
     structural = ("grouped conv", "1x1 kernel")
     nothing_to_do = "all Convs are depthwise, grouped or 1x1: nothing for GDWS to do"
 
