@@ -29,7 +29,8 @@ DEVICE_SIDE := gdws_deploy/runtime jetson gdws_deploy/__init__.py gdws_deploy/at
 	gdws_deploy/errors.py gdws_deploy/cli.py gdws_deploy/robustness/__init__.py \
 	gdws_deploy/robustness/data.py gdws_deploy/robustness/photo_patches.py gdws_deploy/commands/__init__.py \
 	gdws_deploy/commands/build.py gdws_deploy/commands/bench.py gdws_deploy/commands/trtexec.py \
-	gdws_deploy/commands/trt_flags.py
+	gdws_deploy/commands/args/__init__.py gdws_deploy/commands/args/base.py \
+	gdws_deploy/commands/args/shapes.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,14 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gdws_deploy.atomic import atomic_open, check_output_path
-from gdws_deploy.commands.trt_flags import (
-    COUNT,
-    INDEX,
-    SECONDS,
-    Parsed,
-    ShapeFlags,
-    shape_options,
-)
+from gdws_deploy.commands.args.base import COUNT, INDEX, SECONDS, Parsed
+from gdws_deploy.commands.args.shapes import ShapeArgs
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.benchmark import (
     BenchOptions,
@@ -38,6 +32,7 @@ from gdws_deploy.runtime.shapes import Shape
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 PERCENTILES = Parsed(lambda text, flag: parse_percentiles(text), "P1,P2,...")
+SHAPES = ShapeArgs()
 
 
 @click.command("bench")
@@ -57,7 +52,7 @@ PERCENTILES = Parsed(lambda text, flag: parse_percentiles(text), "P1,P2,...")
 @click.option("--avgRuns", "avg_runs", type=COUNT, default=10, show_default=True)
 @click.option("--percentile", type=PERCENTILES, default="90,95,99", show_default=True)
 @click.option("--batch", type=COUNT, help="Batch size on a dynamic first axis [default: 1].")
-@shape_options
+@SHAPES
 @click.option("--useCudaGraph", "use_cuda_graph", is_flag=True, help="TensorRT: CUDA graph.")
 @click.option("--noDataTransfers", "no_data_transfers", is_flag=True, help="TensorRT: no copies.")
 @click.option("--fp16", is_flag=True, help="TensorRT from ONNX: build with FP16.")
@@ -81,19 +76,20 @@ def bench_command(
     avg_runs: int,
     percentile: tuple,
     batch: Optional[int],
-    shape_flags: ShapeFlags,
     use_cuda_graph: bool,
     no_data_transfers: bool,
     fp16: bool,
     threads: int,
     verbose: bool,
     json_path: Optional[Path],
+    **flags: Any,
 ) -> None:
     """Time MODEL (engine or ONNX) the way trtexec does and print its performance summary.
 
     With --compare OTHER both run in this process in alternating blocks and the throughput
     ratio OTHER / MODEL is printed (the speed-up of a converted model over the original).
     """
+    shape_flags = SHAPES.build(flags)
     if shape_flags.min or shape_flags.opt or shape_flags.max:
         raise GdwsError("bench runs at one shape: use --shapes (profiles are for `build`)")
     shapes = shape_flags.shapes

@@ -9,12 +9,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gdws_deploy.commands.trt_flags import COUNT, INDEX, ShapeFlags, shape_options
+from gdws_deploy.commands.args.base import COUNT, INDEX
+from gdws_deploy.commands.args.shapes import ShapeArgs
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.shapes import Shape, format_shape
 
 # Samples read from the dataset at a time; the calibrator regroups them to the profile.
 CALIBRATION_READ_BATCH = 256
+SHAPES = ShapeArgs()
 
 
 @click.command("build")
@@ -39,7 +41,7 @@ CALIBRATION_READ_BATCH = 256
     type=click.Path(path_type=Path),
     help="Timing cache file: read if present, updated after the build.",
 )
-@shape_options
+@SHAPES
 @click.option("--verbose", is_flag=True, help="Print TensorRT's log.")
 @click.option("--parse-only", is_flag=True, help="Only run TensorRT's ONNX parser.")
 def build_command(
@@ -54,9 +56,9 @@ def build_command(
     allow_gpu_fallback: bool,
     workspace: Optional[int],
     timing_cache: Optional[Path],
-    shape_flags: ShapeFlags,
     verbose: bool,
     parse_only: bool,
+    **flags: Any,
 ) -> None:
     """Build a TensorRT engine from MODEL (ONNX), with metadata JSON next to it.
 
@@ -70,6 +72,7 @@ def build_command(
         return
     if output is None:
         raise GdwsError("give the engine file with -o/--output (or use --parse-only)")
+    shape_flags = SHAPES.build(flags)
     options = engine_build.BuildOptions(
         fp16=fp16,
         int8=int8,

@@ -71,3 +71,9 @@ def _numbers(text: str, flag: str) -> List[float]:
 
 # A flag of comma-separated numbers ('1.5,2,3') -> [1.5, 2.0, 3.0].
 NUMBERS = Parsed(_numbers, "numbers")
+
+
+# The TensorRT verbs' numeric flags (their names are the metavars --help shows).
+COUNT = number(int, 1, "count")
+INDEX = number(int, 0, "index")
+SECONDS = number(float, 0, "number")
