@@ -9,6 +9,8 @@ import onnx
 import pytest
 import torch
 
+from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.ir.graph import load_model
 from gdws_deploy.robustness.alphas import (
     SETTINGS_KEY,
     AlphaSums,
@@ -92,6 +94,17 @@ def test_alphas_file_holds_one_vector_per_eligible_conv_and_the_settings(digits_
     assert load_alphas(out).settings == settings
     np.testing.assert_allclose(again.alphas["/3/Conv"], run.alphas["/3/Conv"], rtol=0.2)
     assert not np.allclose(clean.alphas["/3/Conv"], run.alphas["/3/Conv"], rtol=1e-3)
+
+
+def test_alphas_of_an_analyzed_model_are_those_of_its_selection(digits_model):
+    """Calibration passes the model it analyzed: the Convs convert takes, values unchanged."""
+    data = load_dataset("digits", limit=12)
+    (attack,) = make_attacks("pgd-linf", {"*": 8 / 255}, steps=2)
+    whole = compute_alphas(digits_model, data, attack, seed=1)
+    selected = compute_alphas(analyze(load_model(digits_model)), data, attack, seed=1)
+    assert set(whole.alphas) == {"/0/Conv", "/3/Conv"} and set(selected.alphas) == {"/3/Conv"}
+    np.testing.assert_allclose(selected.alphas["/3/Conv"], whole.alphas["/3/Conv"], rtol=1e-6)
+    assert selected.settings["model"] is None and whole.settings["model"] == str(digits_model)
 
 
 def test_convert_accepts_the_alphas_file(digits_model, tmp_path):

@@ -5,6 +5,7 @@ import onnx
 import torch
 from torch import nn
 
+from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.passes.gdws.spectra import onnx_conv_spectra, top_energy_shares
 from models.export import export_onnx
 
@@ -66,3 +67,12 @@ def test_onnx_records_cover_exactly_the_ungrouped_kxk_convs(tmp_path):
         expected = top_energy_shares(conv.weight.detach().numpy())
         got = [record["top1"], record["top2"], record["top3"]]
         np.testing.assert_allclose(got, expected, atol=5e-5)
+
+
+def test_an_analyzed_model_gives_the_records_of_its_selection(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)).eval()
+    path = export_onnx(model, tmp_path / "three.onnx", (1, 3, 12, 12))
+    proto = onnx.load(str(path))
+    every = onnx_conv_spectra(proto)
+    chosen = onnx_conv_spectra(analyze(proto, exclude=[every[2]["name"]]))
+    assert len(every) == 3 and chosen == every[1:2]  # the first conv and the excluded one left

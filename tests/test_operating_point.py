@@ -9,6 +9,9 @@ from digits_fixtures import export_trained_digits_cnn, one_torch_thread  # noqa:
 from search_fixtures import quick_check
 
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.ir import analyze as ir_analyze
+from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.ir.graph import check_and_infer, load_model
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 from gdws_deploy.pipeline.operating_point import RESOLUTION, check_max_drop, search_operating_point
@@ -121,6 +124,26 @@ def test_calibrating_calibrated_options_measures_nothing_again(digits_model):
     again = calibrate(digits_model, quick_check(), calibrated)
     assert again.loss_curves is calibrated.loss_curves
     assert again.spectra_cache is calibrated.spectra_cache
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_calibrating_an_analyzed_model_does_not_analyze_it_again(digits_model, monkeypatch):
+    analyzed = analyze(load_model(digits_model))
+    checked = []
+    monkeypatch.setattr(ir_analyze, "check_and_infer", _counting(checked, check_and_infer))
+    for allocation in ("auto", "alpha"):  # loss curves, alphas
+        calibrate(analyzed, quick_check(), ConvertOptions(allocation=allocation))
+    assert checked == []
+    calibrate(digits_model, quick_check(), ConvertOptions(allocation="alpha"))
+    assert len(checked) == 1
+
+
+def _counting(calls, function):
+    def counted(*args):
+        calls.append(args)
+        return function(*args)
+
+    return counted
 
 
 @pytest.mark.parametrize("drop", [-0.1, 1.0, float("nan")])

@@ -32,6 +32,7 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
 from gdws_deploy.passes.gdws.allocation import resolve_allocation
+from gdws_deploy.passes.registry import pass_named
 from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop
 from gdws_deploy.pipeline.options import ConvertOptions
@@ -94,7 +95,7 @@ def run_sweep(
         paths = _output_paths(Path(model), stage, targets)
         options = _shared_tune_cache(options, Path(scratch))
         say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
-        calibrated = calibrate(model, calibration, options, by_beta=by_beta)
+        calibrated = calibrate(analyzed, calibration, options, by_beta=by_beta)
         models = [(Path(model), "original", "original", analyzed.total_macs, 1.0)]
         for (label, key, value), path in zip(targets, paths["targets"]):
             say(f"converting at {label}")
@@ -274,7 +275,7 @@ def _check_conversion(loaded: LoadedModel, options: ConvertOptions) -> AnalyzedM
     """Fail before any work on lowering and tune options that do not go together, or a
     layer selection that leaves no Conv to rewrite; the model analyzed once for the sweep."""
     cost_model_for(options.lowering, options.tune, options.tune_batch, None, loaded.model)
-    analyzed = analyze(loaded, **options.selection)
+    analyzed = pass_named(options.method).select(analyze(loaded, **options.selection))
     if not analyzed.eligible:
         raise GdwsError("the model has no Conv that GDWS can rewrite")
     return analyzed

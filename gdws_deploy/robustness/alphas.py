@@ -32,7 +32,7 @@ import torch
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
-from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.robustness.attacks import Attack, pgd, with_normalization
 from gdws_deploy.robustness.data import Dataset
@@ -54,11 +54,14 @@ class ConvTarget:
     weight_shape: Tuple[int, ...]
 
 
-def eligible_convs(model: onnx.ModelProto) -> List[ConvTarget]:
-    """Every Conv the convert pass could rewrite (the first one included)."""
+def eligible_convs(model: Union[onnx.ModelProto, AnalyzedModel]) -> List[ConvTarget]:
+    """Every Conv GDWS could rewrite in a model (the first one included), or in an analyzed
+    model as its layer selection stands (not analyzed again)."""
+    analyzed = model if isinstance(model, AnalyzedModel) else analyze(model, all_layers=True)
+    nodes = analyzed.model.graph.node
     return [
-        ConvTarget(layer.name, model.graph.node[layer.index].input[1], tuple(layer.weight_shape))
-        for layer in GdwsPass().select(analyze(model, all_layers=True)).eligible
+        ConvTarget(layer.name, nodes[layer.index].input[1], tuple(layer.weight_shape))
+        for layer in GdwsPass().select(analyzed).eligible
     ]
 
 
@@ -188,7 +191,7 @@ class AlphaRun:
 
 
 def compute_alphas(
-    model_path: Union[str, Path],
+    model: Union[str, Path, AnalyzedModel],
     dataset: Dataset,
     attack: Optional[Attack],
     batch_size: int = 64,
@@ -197,13 +200,15 @@ def compute_alphas(
     seed: int = 0,
     progress: Optional[Progress] = None,
 ) -> AlphaRun:
-    """Alphas of every eligible Conv of an ONNX model, on `dataset` perturbed by `attack`
-    (PGD from the true labels; None: clean inputs)."""
-    loaded = onnx_graph.load_model(model_path)
-    convs = eligible_convs(loaded.model)
+    """Alphas of the eligible Convs of an ONNX model (a file: all of them; an analyzed
+    model: those of its selection), on `dataset` perturbed by `attack` (PGD from the true
+    labels; None: clean inputs)."""
+    path = str(model) if isinstance(model, (str, Path)) else None
+    analyzed = model if path is None else analyze(onnx_graph.load_model(path), all_layers=True)
+    convs = eligible_convs(analyzed)
     if not convs:
-        raise GdwsError(f"{model_path} has no Conv that GDWS can rewrite")
-    mirror = OnnxMirror(loaded.model)
+        raise GdwsError(f"{path or 'the model'} has no Conv that GDWS can rewrite")
+    mirror = OnnxMirror(analyzed.model)
     model = with_normalization(mirror, mean, std, dataset.x.shape[1])
     with torch.no_grad():
         dataset.check_model(
@@ -230,7 +235,7 @@ def compute_alphas(
         if progress is not None:
             progress(done, len(dataset))
     settings = {
-        "model": str(model_path),
+        "model": path,
         "dataset": dataset.name,
         "samples": len(dataset),
         "attack": attack.to_dict() if attack is not None else None,

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
-from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.passes.gdws.allocation import USES_ALPHAS, LossCurve, resolve_allocation
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gdws.decompose import (
@@ -47,7 +47,7 @@ Progress = Callable[[int, int], None]
 
 
 def measure_loss_curves(
-    model: Union[str, Path, onnx_graph.LoadedModel],
+    model: Union[str, Path, onnx_graph.LoadedModel, AnalyzedModel],
     check: RobustnessCheck,
     spectra: Optional[SpectraCache] = None,
     grid: Sequence[float] = DEFAULT_GRID,
@@ -57,25 +57,26 @@ def measure_loss_curves(
     exclude: Sequence[str] = (),
     per_channel: bool = False,
 ) -> Dict[str, LossCurve]:
-    """A LossCurve per Conv that convert() with the same layer selection would rewrite.
+    """A LossCurve per Conv that convert() with the same layer selection would rewrite
+    (an analyzed model's selection stands: all_layers, include, exclude are for the others).
 
     Counts above the point where the GDWS form would cost as many MACs as the dense conv
     are not measured: no allocation buys them. `spectra` is filled and reused.
     per_channel: the curves of a speed goal's options instead: at counts m*C, m of
     gdws.UNIFORM_PER_CHANNEL, the layer cut to m kernels on every channel (gdws.uniform).
     """
-    loaded = model if isinstance(model, onnx_graph.LoadedModel) else onnx_graph.load_model(model)
-    layers = GdwsPass().select(analyze(loaded, all_layers, include, exclude)).eligible
+    analyzed = _analyzed(model, all_layers=all_layers, include=include, exclude=exclude)
+    layers = analyzed.eligible
     if not layers:
         raise GdwsError("the model has no Conv that GDWS can rewrite")
     spectra = spectra if spectra is not None else SpectraCache()
-    mirror = OnnxMirror(loaded.model).eval()
+    mirror = OnnxMirror(analyzed.model).eval()
     target = with_normalization(mirror, check.mean, check.std, check.dataset.x.shape[1])
     x, y = _attacked(target, mirror, check)
     baseline = _loss(target, x, y, check.batch_size)
     curves = {}
     for done, layer in enumerate(layers, start=1):
-        weight = mirror.tensor(loaded.model.graph.node[layer.index].input[1])
+        weight = mirror.tensor(analyzed.model.graph.node[layer.index].input[1])
         layer_spectra = spectra.get(layer.name, layer.weight)
         counts = _counts(layer, layer_spectra, UNIFORM_PER_CHANNEL if per_channel else grid)
         losses = []
@@ -96,7 +97,7 @@ def measure_loss_curves(
 
 
 def calibrate(
-    model: Union[str, Path, onnx_graph.LoadedModel],
+    model: Union[str, Path, onnx_graph.LoadedModel, AnalyzedModel],
     check: RobustnessCheck,
     options: ConvertOptions,
     *,
@@ -110,6 +111,7 @@ def calibrate(
     speed goal, per channel (see measure_loss_curves); alphas for the alpha and lego rules
     and for LEGO betas (by_beta: the paper's way), computed with the check's first attack.
     What options already hold is kept, so calibrating calibrated options measures nothing.
+    The model is analyzed once for both, unless it comes analyzed (with options.selection).
     """
     from gdws_deploy.robustness.alphas import compute_alphas
 
@@ -117,11 +119,13 @@ def calibrate(
     changes: Dict[str, Any] = {"spectra_cache": cache}
     speed_goal = options.has_speed_goal
     rule = resolve_allocation(options.allocation, has_curves=True, speed_goal=speed_goal)
-    if not by_beta and rule == "measured" and options.loss_curves is None:
-        changes["loss_curves"] = measure_loss_curves(
-            model, check, cache, per_channel=speed_goal, **options.selection
-        )
-    if options.alphas is None and (by_beta or rule in USES_ALPHAS):
+    wants_curves = not by_beta and rule == "measured" and options.loss_curves is None
+    wants_alphas = options.alphas is None and (by_beta or rule in USES_ALPHAS)
+    if wants_curves or wants_alphas:
+        model = _analyzed(model, **options.selection)
+    if wants_curves:
+        changes["loss_curves"] = measure_loss_curves(model, check, cache, per_channel=speed_goal)
+    if wants_alphas:
         changes["alphas"] = compute_alphas(
             model,
             check.dataset,
@@ -132,6 +136,19 @@ def calibrate(
             seed=check.seed,
         ).alphas
     return replace(options, **changes)
+
+
+def _analyzed(
+    model: Union[str, Path, onnx_graph.LoadedModel, AnalyzedModel], **selection: Any
+) -> AnalyzedModel:
+    """The model analyzed with `selection` and GDWS's layers picked; an analyzed model is
+    not analyzed again."""
+    if not isinstance(model, AnalyzedModel):
+        loaded = (
+            model if isinstance(model, onnx_graph.LoadedModel) else onnx_graph.load_model(model)
+        )
+        model = analyze(loaded, **selection)
+    return GdwsPass().select(model)
 
 
 def _attacked(

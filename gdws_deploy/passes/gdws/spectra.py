@@ -8,12 +8,12 @@ the 1/9 of an isotropic 3x3 kernel); a stand-in model is only fair if it is too.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import numpy as np
 import onnx
 
-from gdws_deploy.ir.analyze import analyze
+from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gdws.decompose import ChannelSpectra
 
@@ -36,9 +36,13 @@ def top_energy_shares(weight: np.ndarray, top: int = TOP) -> np.ndarray:
     return cumulative.mean(axis=0) if live.any() else np.full(top, np.nan)
 
 
-def onnx_conv_spectra(model: onnx.ModelProto, top: int = TOP) -> List[Dict[str, object]]:
+def onnx_conv_spectra(
+    model: Union[onnx.ModelProto, AnalyzedModel], top: int = TOP
+) -> List[Dict[str, object]]:
     """top_energy_shares of every Conv the convert pass could rewrite (the first one
-    included), in graph order: one record per layer with its name, weight shape and shares."""
+    included; of an analyzed model, those of its selection), in graph order: one record
+    per layer with its name, weight shape and shares."""
+    analyzed = model if isinstance(model, AnalyzedModel) else analyze(model, all_layers=True)
     return [
         {
             "name": layer.name,
@@ -48,5 +52,5 @@ def onnx_conv_spectra(model: onnx.ModelProto, top: int = TOP) -> List[Dict[str, 
                 for i, share in enumerate(top_energy_shares(layer.weight, top))
             },
         }
-        for layer in GdwsPass().select(analyze(model, all_layers=True)).eligible
+        for layer in GdwsPass().select(analyzed).eligible
     ]
