@@ -301,3 +301,14 @@ def test_sweep_of_a_model_with_no_convertible_conv_fails_before_any_work(tmp_pat
     result = run_cli(capsys, "sweep", path, "--dataset", "digits", "--out", out)
     assert_one_line_error(result, "the model has no Conv that GDWS can rewrite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one_conv.onnx"]
+
+
+def test_sweep_of_a_model_of_pointwise_convs_only_fails_before_any_work(tmp_path):
+    """Constant weights, not the first conv, yet nothing GDWS can factor: 1x1 kernels."""
+    specs = [ConvSpec(8, kernel=(1, 1), weights="random") for _ in range(3)]
+    path = tmp_path / "pointwise.onnx"
+    onnx.save(conv_chain(specs, input_shape=(1, 8, 8)), path)
+    said = []
+    with pytest.raises(GdwsError, match="the model has no Conv that GDWS can rewrite"):
+        run_sweep(path, tmp_path / "sweep", quick_check(), progress=said.append)
+    assert said == [] and sorted(p.name for p in tmp_path.iterdir()) == ["pointwise.onnx"]
