@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.ir.graph import load_model
 from gdws_deploy.robustness.attacks import make_attacks
 from gdws_deploy.robustness.data import load_dataset
 from gdws_deploy.robustness.evaluate import evaluate, open_backend, wilson_interval
 from gdws_deploy.runtime.runner import OrtRunner
+from gdws_deploy.speed.backends import BACKENDS, Backend, OrtBackend, backend_named
 from models.export import export_onnx
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.digits_fixtures import (
@@ -96,6 +98,29 @@ def test_backends_are_looked_up_by_name(digits_model):
         open_backend("trt", digits_model)
     with pytest.raises(GdwsError, match="unknown backend 'tvm'"):
         open_backend("tvm", digits_model)
+
+
+def test_one_registry_names_the_timing_and_the_verdict_backends(digits_model):
+    assert isinstance(backend_named("ort", 1), OrtBackend)
+    assert isinstance(open_backend("ort", digits_model), OrtRunner)
+    for name in BACKENDS:  # every verdict backend can time too, and the other way round
+        assert isinstance(backend_named(name), Backend)
+    with pytest.raises(GdwsError, match="tune backend must be ort or trt, got 'tvm'"):
+        backend_named("tvm")
+
+
+def test_a_model_in_memory_is_evaluated_without_its_file(digits_model, tmp_path):
+    data = load_dataset("digits", limit=40)
+    attacks = make_attacks("pgd-linf", {"*": 0.1}, steps=3)
+    from_file = evaluate(digits_model, data, attacks, seed=4)
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(digits_model.read_bytes())
+    loaded = load_model(copy)
+    copy.unlink()  # nothing may read the file again
+    from_memory = evaluate(loaded.model, data, attacks, seed=4)
+    assert from_memory.model == "(in memory)" and from_file.model == str(digits_model)
+    same = ("clean_acc", "robust_acc", "mirror_clean_acc", "mirror_robust_acc")
+    assert [getattr(from_memory, key) for key in same] == [getattr(from_file, key) for key in same]
 
 
 def _export_fixed_batch(path, batch: int):

@@ -22,37 +22,38 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import onnx
 import torch
 
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.ir.graph import load_model
+from gdws_deploy.ir.graph import LoadedModel, load_model
 from gdws_deploy.robustness.attacks import Attack, with_normalization, worst_case
 from gdws_deploy.robustness.data import Dataset
 from gdws_deploy.robustness.mirror import OnnxMirror
 from gdws_deploy.runtime.runner import Runner
+from gdws_deploy.speed.backends import BACKENDS
 
-# backend name -> ("module:class", which file it loads: the ONNX "model" or an "engine").
-# Classes are imported only when chosen, so `ort` works where TensorRT is not installed.
-BACKENDS: Dict[str, Tuple[str, str]] = {
-    "ort": ("gdws_deploy.runtime.runner:OrtRunner", "model"),
-    "trt": ("gdws_deploy.runtime.trt_runner:TrtRunner", "engine"),
-}
+# A model to evaluate: its file, or one already in memory (not read from disk again).
+ModelSource = Union[str, Path, onnx.ModelProto, LoadedModel]
+# How a report names a model that never was a file.
+IN_MEMORY = "(in memory)"
 Z_95 = 1.959963984540054
 # progress(samples done, samples total)
 Progress = Callable[[int, int], None]
 
 
 def open_backend(
-    name: str, model: Union[str, Path], engine: Optional[Union[str, Path]] = None
+    name: str, model: Union[str, Path, bytes], engine: Optional[Union[str, Path]] = None
 ) -> Runner:
-    """The (not yet activated) runner of backend `name` for this model or engine."""
+    """The (not yet activated) runner of backend `name` (speed.backends.BACKENDS) for this
+    model (a path or serialized bytes) or engine."""
     if name not in BACKENDS:
         raise GdwsError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    target, source_kind = BACKENDS[name]
-    source = model if source_kind == "model" else engine
+    entry = BACKENDS[name]
+    source = model if entry.loads == "model" else engine
     if source is None:
         raise GdwsError(f"backend {name} runs a serialized engine: give --engine")
-    module, attribute = target.split(":")
+    module, attribute = entry.runner.split(":")
     try:
         runner_class = getattr(importlib.import_module(module), attribute)
     except ImportError as error:
@@ -112,7 +113,7 @@ class _Counts:
 
 
 def evaluate(
-    model_path: Union[str, Path],
+    model: ModelSource,
     dataset: Dataset,
     attacks: Sequence[Attack],
     backend: str = "ort",
@@ -123,10 +124,13 @@ def evaluate(
     seed: int = 0,
     progress: Optional[Progress] = None,
 ) -> EvalReport:
-    """Clean and robust accuracy of `model_path` on `dataset` under the worst of `attacks`."""
+    """Clean and robust accuracy of `model` on `dataset` under the worst of `attacks`.
+
+    model: a path, or a ModelProto / LoadedModel a caller already holds (used as it is).
+    """
     start = time.perf_counter()
-    runner = open_backend(backend, model_path, engine)
-    mirror = OnnxMirror(load_model(model_path).model)
+    runner, loaded, name = _opened(model, backend, engine)
+    mirror = OnnxMirror(loaded.model)
     target = with_normalization(mirror, mean, std, dataset.x.shape[1])
     with torch.no_grad():
         dataset.check_model(mirror.input_shapes[0], lambda x: target(torch.from_numpy(x)).shape[1])
@@ -141,7 +145,7 @@ def evaluate(
                 progress(counts.seen, len(dataset))
     n = counts.seen
     return EvalReport(
-        model=str(model_path),
+        model=name,
         backend=backend,
         dataset=dataset.name,
         samples=n,
@@ -215,3 +219,18 @@ def _fixed_batch(input_shape: Sequence) -> Optional[int]:
     """The batch a model exported with a fixed one takes (None: any)."""
     fixed = input_shape[0] if input_shape else None
     return fixed if isinstance(fixed, int) and fixed > 0 else None
+
+
+def _opened(
+    model: ModelSource, backend: str, engine: Optional[Union[str, Path]]
+) -> Tuple[Runner, LoadedModel, str]:
+    """The backend's runner, the model and how the report names it. A path is checked
+    against the backend first and read once; a model in memory is run from its file when it
+    has one (external data stays outside the protobuf's 2 GB), else from its bytes."""
+    if isinstance(model, (str, Path)):
+        runner = open_backend(backend, model, engine)
+        return runner, load_model(model), str(model)
+    loaded = model if isinstance(model, LoadedModel) else LoadedModel(model)
+    source = loaded.path if loaded.path is not None else loaded.model.SerializeToString()
+    name = str(loaded.path) if loaded.path is not None else IN_MEMORY
+    return open_backend(backend, source, engine), loaded, name

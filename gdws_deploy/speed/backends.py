@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -235,16 +235,47 @@ def time_models(
     return [float(statistic(trace.durations()["gpu_compute_time"])) / 1000 for trace in traces]
 
 
+@dataclass(frozen=True)
+class BackendEntry:
+    """What one backend name means: a timing Backend (speed/, from --tune) and a verdict
+    Runner (robustness/evaluate.py, from --backend), so both speak of the same runtimes.
+
+    timing(threads): the Backend (threads: onnxruntime's, None for its default);
+    runner: "module:Class" of the Runner, imported only when chosen (TensorRT need not be
+    installed); loads: the file that runner takes, the ONNX "model" or a built "engine".
+    """
+
+    timing: Callable[[Optional[int]], Backend]
+    runner: str
+    loads: str
+    threaded: bool = False
+
+
+BACKENDS: Dict[str, BackendEntry] = {
+    "ort": BackendEntry(
+        lambda threads: OrtBackend(threads or 0),
+        "gdws_deploy.runtime.runner:OrtRunner",
+        "model",
+        threaded=True,
+    ),
+    "trt": BackendEntry(
+        lambda threads: TrtBackend(), "gdws_deploy.runtime.trt_runner:TrtRunner", "engine"
+    ),
+}
+
+
 def backend_named(name: Optional[str], threads: Optional[int] = None) -> Optional[Backend]:
-    """The backend `--tune NAME` means (None for none); threads only for onnxruntime."""
+    """The timing backend `--tune NAME` means (None for none); threads only for onnxruntime."""
     if name is None:
         if threads is not None:
             raise GdwsError("--tune-threads needs --tune ort")
         return None
-    if name == "ort":
-        return OrtBackend(threads or 0)
+    entry = BACKENDS.get(name)
+    if entry is not None and entry.threaded:
+        return entry.timing(threads)
+    threaded = " or ".join(key for key, known in BACKENDS.items() if known.threaded)
     if threads is not None:
-        raise GdwsError(f"--tune-threads applies to --tune ort, not --tune {name}")
-    if name == "trt":
-        return TrtBackend()
-    raise GdwsError(f"tune backend must be ort or trt, got {name!r}")
+        raise GdwsError(f"--tune-threads applies to --tune {threaded}, not --tune {name}")
+    if entry is None:
+        raise GdwsError(f"tune backend must be {' or '.join(BACKENDS)}, got {name!r}")
+    return entry.timing(threads)
