@@ -21,10 +21,12 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.ir.graph import load_model, save_model
 from gdws_deploy.passes.gdws.allocation import ALLOCATIONS, USES_ALPHAS
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.convert import convert
+from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.alphas import compute_alphas
 from gdws_deploy.robustness.attacks import make_attacks, parse_fraction
 from gdws_deploy.robustness.check import RobustnessCheck
@@ -53,24 +55,25 @@ def main(argv: Sequence[str] = ()) -> int:
     calib = RobustnessCheck(load_dataset(args.calib, args.calib_limit), attacks)
     start = time.perf_counter()
     cache = SpectraCache()
-    inputs = {
-        "alphas": compute_alphas(args.model, calib.dataset, attacks[0], batch_size=32).alphas,
-        "loss_curves": measure_loss_curves(args.model, calib, cache),
-    }
+    loaded = load_model(args.model)
+    analyzed = analyze(loaded)  # the layers convert takes, analyzed once for both measures
+    alphas = compute_alphas(analyzed, calib.dataset, attacks[0], batch_size=32).alphas
+    loss_curves = measure_loss_curves(analyzed, calib, cache)
     calibration_s = time.perf_counter() - start
     original = test.evaluate(args.model)
     rows: Dict[str, List[str]] = {}
-    loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as folder:
         for rule in rules:
-            options = {"allocation": rule, "spectra_cache": cache}
-            if rule in USES_ALPHAS:
-                options["alphas"] = inputs["alphas"]
-            if rule == "measured":
-                options["loss_curves"] = inputs["loss_curves"]
+            options = ConvertOptions(
+                allocation=rule,
+                spectra_cache=cache,
+                alphas=alphas if rule in USES_ALPHAS else None,
+                loss_curves=loss_curves if rule == "measured" else None,
+                check_parity=False,
+            )
             rows[rule] = []
             for target in reductions:
-                model, report = convert(loaded, mac_reduction=target, check_parity=False, **options)
+                model, report = convert(loaded, ConvertOptions.of(options, mac_reduction=target))
                 path = save_model(model, Path(folder) / f"{rule}-{target:g}.onnx", like=loaded)
                 result = test.evaluate(path)
                 rows[rule].append(f"{result.robust_acc:.1%} ({result.clean_acc:.1%})")

@@ -21,6 +21,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdws_deploy.pipeline.convert import convert_file
+from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.runtime.benchmark import BenchOptions, benchmark_pair, throughput_ratio
 from gdws_deploy.runtime.runner import OrtRunner
 from models.export import export_architecture
@@ -42,9 +43,8 @@ def main(argv: Sequence[str] = ()) -> int:
             original = export_architecture(arch, Path(folder) / f"{arch}.onnx")
             for reduction in args.reduction:
                 converted = Path(folder) / f"{arch}.{reduction:g}.gdws.onnx"
-                report, _ = convert_file(
-                    original, converted, mac_reduction=reduction, check_parity=False
-                )
+                options = ConvertOptions(mac_reduction=reduction, check_parity=False)
+                report, _ = convert_file(original, converted, options)
                 for batch in args.batch:
                     options = BenchOptions(duration_s=args.duration, batch=batch)
                     with OrtRunner(original, threads=args.threads) as base, OrtRunner(

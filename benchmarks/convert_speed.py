@@ -29,6 +29,7 @@ from benchmarks.timing import best_of, elapsed, print_verdict
 from gdws_deploy.ir.parity import max_relative_deviation
 from gdws_deploy.passes.gdws.decompose import ChannelSpectra
 from gdws_deploy.pipeline.convert import convert_file
+from gdws_deploy.pipeline.options import ConvertOptions
 from models.export import export_architecture
 
 GOAL = 1.5
@@ -52,7 +53,8 @@ def measure(arch: str, folder: Path, repeat: int, reduction: float) -> List[Tupl
     source = export_architecture(arch, folder / f"{arch}.onnx")
     out = folder / f"{arch}.gdws.onnx"
     floor = partial(floor_work, source, folder / f"{arch}.floor.onnx")
-    conversion = partial(convert_file, source, out, mac_reduction=reduction, check_parity=False)
+    options = ConvertOptions(mac_reduction=reduction, check_parity=False)
+    conversion = partial(convert_file, source, out, options)
     floor_s, convert_s = best_of([floor, conversion], repeat)
     parity = partial(max_relative_deviation, onnx.load(str(source)), onnx.load(str(out)))
     return [floor_s, convert_s, elapsed(parity)]

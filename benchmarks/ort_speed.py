@@ -35,6 +35,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdws_deploy.pipeline.convert import ConvertReport, convert_file
+from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.speed.backends import OrtBackend, Timing, time_models
 from gdws_deploy.speed.cost_model import model_input_shape
 from gdws_deploy.speed.goals import SpeedGoalOutOfReachError
@@ -98,7 +99,7 @@ def measure_model(
         paths = [original]
         for target in args.reductions:
             path = folder / f"{arch}.{target:g}x.b{batch}.onnx"
-            options = dict(
+            options = ConvertOptions(
                 mac_reduction=target,
                 tune=backend,
                 tune_batch=batch,
@@ -149,23 +150,25 @@ def time_with_control(
 
 
 def convert_row(
-    original: Path, path: Path, args: argparse.Namespace, options: dict
+    original: Path, path: Path, args: argparse.Namespace, options: ConvertOptions
 ) -> Tuple[ConvertReport, bool, bool]:
     """convert_file's report and written flag at --speed-ratio, and whether that goal was
     within reach; out of reach, at the most efficient ratio convert found (or, where even
     that is, the MAC target alone)."""
     if not args.speed_ratio:
-        return (*convert_file(original, path, **options), True)
+        return (*convert_file(original, path, options), True)
     try:
-        return (*convert_file(original, path, speed_ratio=args.speed_ratio, **options), True)
+        goal = ConvertOptions.of(options, speed_ratio=args.speed_ratio)
+        return (*convert_file(original, path, goal), True)
     except SpeedGoalOutOfReachError as error:
         reachable = REACHABLE_SHARE * error.speedup / error.reduction
         print(f"# {path.name}: {error}; asking {reachable:.2f}", file=sys.stderr)
     try:
-        return (*convert_file(original, path, speed_ratio=reachable, **options), False)
+        goal = ConvertOptions.of(options, speed_ratio=reachable)
+        return (*convert_file(original, path, goal), False)
     except SpeedGoalOutOfReachError as error:
         print(f"# {path.name}: {error}; the MAC target alone", file=sys.stderr)
-        return (*convert_file(original, path, **options), False)
+        return (*convert_file(original, path, options), False)
 
 
 def print_table(rows: Sequence[Row], markdown: bool) -> None:

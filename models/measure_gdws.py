@@ -26,6 +26,7 @@ from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.passes.gdws.allocation import ALLOCATIONS
 from gdws_deploy.pipeline.convert import convert_file
+from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.attacks import Attack
 from gdws_deploy.robustness.evaluate import evaluate
 from models.train_robust import load_split, run_script
@@ -46,9 +47,8 @@ def measure(
     with tempfile.TemporaryDirectory() as folder:
         for target in reductions:
             converted = Path(folder) / f"gdws_{target:g}x.onnx"
-            report, _ = convert_file(
-                model_path, converted, mac_reduction=target, allocation=allocation
-            )
+            options = ConvertOptions(mac_reduction=target, allocation=allocation)
+            report, _ = convert_file(model_path, converted, options)
             scores = evaluate(converted, data, attacks, seed=recipe["seed"])
             rows.append(_row(f"{target:g}x", report.reduction, scores))
     return rows
