@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from digits_fixtures import export_trained_digits_cnn, one_torch_thread  # noqa: F401
 from rich.console import Console
 
 from gdws_deploy.cli import main
@@ -308,3 +309,21 @@ def test_large_parity_deviation_warns_in_one_line_and_small_does_not(capsys, tmp
     onnx.save(conv_chain([ConvSpec(8), ConvSpec(8)]), str(source))  # exactly low rank
     code, _, err = gdws_deploy(capsys, "convert", source, "--beta", "0")
     assert code == 0 and err == ""
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_max_robust_drop_kept_by_no_target_shows_the_search_then_fails_in_one_line(
+    capsys, tmp_path
+):
+    model = export_trained_digits_cnn(tmp_path / "digits.onnx")
+    before = files(tmp_path)
+    code, out, err = gdws_deploy(
+        capsys, "convert", model, "--max-robust-drop", 0, "--dataset", "digits",
+        "--limit", 100, "--eps", "0.05", "--steps", 2,
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "gdws-deploy: error: no MAC reduction keeps the robust drop within 0: nothing written"
+    )
+    assert "search: largest MAC reduction" in out and "beyond" in out and "chosen" not in out
+    assert files(tmp_path) == before
