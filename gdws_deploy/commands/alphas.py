@@ -31,18 +31,8 @@ def alphas_command(model: Path, output: Path, **flags: Any) -> None:
     check_output_path(output, model)
     perturbation = PERTURBATION.build(flags)
     data = DATA.build(flags)
-    mean, std = DATA.normalization(flags)
     with BatchProgress("alphas") as progress:
-        run = compute_alphas(
-            model,
-            data,
-            perturbation,
-            batch_size=flags["batch_size"],
-            mean=mean,
-            std=std,
-            seed=flags["seed"],
-            progress=progress,
-        )
+        run = compute_alphas(model, data, perturbation, progress=progress, **DATA.sampling(flags))
     save_alphas(run, output, model)
     Console().print(
         f"wrote alphas of {len(run.alphas)} Conv(s) from {len(data)} samples to {output}",

@@ -41,7 +41,6 @@ def eval_command(
     if json_path is not None:
         check_output_path(json_path, model, *([engine] if engine else []))
     data = DATA.build(flags)
-    mean, std = DATA.normalization(flags)
     with BatchProgress("attacking") as progress:
         report = evaluate(
             model,
@@ -49,11 +48,8 @@ def eval_command(
             attacks,
             backend=backend,
             engine=engine,
-            batch_size=flags["batch_size"],
-            mean=mean,
-            std=std,
-            seed=flags["seed"],
             progress=progress,
+            **DATA.sampling(flags),
         )
     Console().print(report_table(report))
     if json_path is not None:

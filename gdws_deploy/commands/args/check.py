@@ -33,13 +33,9 @@ class CheckArgs:
         from gdws_deploy.robustness.check import RobustnessCheck
 
         attacks = self.attacks.build(flags) if attacks is None else attacks
-        mean, std = self.data.normalization(flags)
         return RobustnessCheck(
             self.data.build(flags, spec),
             tuple(attacks),
             backend=backend,
-            batch_size=flags["batch_size"],
-            mean=mean,
-            std=std,
-            seed=flags["seed"],
+            **self.data.sampling(flags),
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple, TypedDict
 
 import click
 
@@ -15,8 +15,18 @@ DATASET_HELP = "digits[:train], photos[:train], npz:PATH, cifar10:DIR or svhn:FI
 Channels = Optional[Tuple[float, ...]]
 
 
+class Sampling(TypedDict):
+    """How a model is fed the samples: keywords of evaluate(), compute_alphas() and
+    RobustnessCheck alike."""
+
+    batch_size: int
+    mean: Channels
+    std: Channels
+    seed: int
+
+
 class DataArgs(ArgGroup):
-    """Builds the Dataset; `normalization` reads how the model expects to see it."""
+    """Builds the Dataset; `sampling` reads how the model is fed it."""
 
     def __init__(self, batch_size: int, required: bool = True) -> None:
         self.options = (
@@ -38,9 +48,14 @@ class DataArgs(ArgGroup):
         return load_dataset(spec or flags["dataset"], flags["limit"])
 
     @staticmethod
-    def normalization(flags: Flags) -> Tuple[Channels, Channels]:
-        """(mean, std) per channel from --mean and --std; None where not given."""
+    def sampling(flags: Flags) -> Sampling:
+        """--batch-size, --seed, and the per-channel --mean and --std (None where not given)."""
         from gdws_deploy.robustness.attacks import parse_channels
 
         mean, std = parse_channels(flags["mean"], "--mean"), parse_channels(flags["std"], "--std")
-        return (tuple(mean) if mean else None), (tuple(std) if std else None)
+        return Sampling(
+            batch_size=flags["batch_size"],
+            mean=tuple(mean) if mean else None,
+            std=tuple(std) if std else None,
+            seed=flags["seed"],
+        )
