@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.ir.graph import load_model, save_model
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.allocation import ALLOCATIONS, USES_ALPHAS
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.convert import convert
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.alphas import compute_alphas
 from gdws_deploy.robustness.attacks import make_attacks, parse_fraction
 from gdws_deploy.robustness.check import RobustnessCheck

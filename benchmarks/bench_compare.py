@@ -20,8 +20,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.pipeline.convert import convert_file
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.runtime.benchmark import BenchOptions, benchmark_pair, throughput_ratio
 from gdws_deploy.runtime.runner import OrtRunner
 from models.export import export_architecture

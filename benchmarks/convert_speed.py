@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import best_of, elapsed, print_verdict
 from gdws_deploy.ir.parity import max_relative_deviation
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.decompose import ChannelSpectra
 from gdws_deploy.pipeline.convert import convert_file
-from gdws_deploy.pipeline.options import ConvertOptions
 from models.export import export_architecture
 
 GOAL = 1.5

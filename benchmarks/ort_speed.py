@@ -34,8 +34,8 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.pipeline.convert import ConvertReport, convert_file
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.speed.backends import OrtBackend, Timing, time_models
 from gdws_deploy.speed.cost_model import model_input_shape
 from gdws_deploy.speed.goals import SpeedGoalOutOfReachError

@@ -18,7 +18,7 @@ _EXPORTS = {
     "lego": "gdws_deploy.passes.gdws.decompose",
     "mego": "gdws_deploy.passes.gdws.decompose",
     "convert": "gdws_deploy.pipeline.convert",
-    "ConvertOptions": "gdws_deploy.pipeline.options",
+    "ConvertOptions": "gdws_deploy.options",
     "load_mirror": "gdws_deploy.robustness.mirror",
 }
 

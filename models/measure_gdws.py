@@ -24,9 +24,9 @@ if __package__ in (None, ""):
 
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.allocation import ALLOCATIONS
 from gdws_deploy.pipeline.convert import convert_file
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.attacks import Attack
 from gdws_deploy.robustness.evaluate import evaluate
 from models.train_robust import load_split, run_script

@@ -12,10 +12,10 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import analyze as ir_analyze
 from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.ir.graph import check_and_infer, load_model
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 from gdws_deploy.pipeline.operating_point import RESOLUTION, check_max_drop, search_operating_point
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.sensitivity import calibrate
 from tests.cli_run import assert_one_line_error, run_cli
 

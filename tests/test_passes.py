@@ -14,11 +14,11 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.ir.graph import ConvLayer, check_and_infer, count_macs
 from gdws_deploy.ir.parity import max_relative_deviation
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes import registry
 from gdws_deploy.passes.base import CompressionPass, LayerOption
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.pipeline.convert import convert, convert_file
-from gdws_deploy.pipeline.options import ConvertOptions
 from tests.conv_models import ConvSpec, conv_chain
 
 

@@ -74,7 +74,7 @@ def sweep_command(
     """Convert MODEL (ONNX) at several targets; measure MACs, parameters, clean and robust
     accuracy and throughput of each; write sweep.json, sweep.png and the models to --out.
     """
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
     from gdws_deploy.pipeline.sweep import model_stem, run_sweep
 
     options = ConvertOptions(alphas=flags["alphas"])

@@ -28,7 +28,7 @@ from gdws_deploy.ir.analyze import AnalyzedModel
 from gdws_deploy.ir.graph import ConvLayer
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
 
 # progress(done, total, layer name), called as a pass prepares each layer.
 Progress = Callable[[int, int, str], None]

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Tuple, Union
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.pipeline.convert import ConvertReport, Stage, convert_file
 from gdws_deploy.pipeline.operating_point import (
     OperatingPoint,
@@ -20,7 +21,6 @@ from gdws_deploy.pipeline.operating_point import (
     check_max_drop,
     convert_within_drop,
 )
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 

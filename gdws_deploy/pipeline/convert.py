@@ -21,10 +21,10 @@ from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.base import CompressionPass, LayerOption, Progress, Stage
 from gdws_deploy.passes.gdws.compression import GdwsPass, layer_curves, option
 from gdws_deploy.passes.registry import pass_named
-from gdws_deploy.pipeline.options import ConvertOptions
 
 if TYPE_CHECKING:
     from gdws_deploy.speed.cost_model import CostModel

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
 from gdws_deploy.passes.gdws.decompose import SpectraCache
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.robustness.check import RobustnessCheck
 
 if TYPE_CHECKING:

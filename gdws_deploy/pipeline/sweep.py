@@ -31,11 +31,11 @@ from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
+from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.allocation import resolve_allocation
 from gdws_deploy.passes.registry import pass_named
 from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop
-from gdws_deploy.pipeline.options import ConvertOptions
 from gdws_deploy.pipeline.plot import save_sweep_plot
 from gdws_deploy.pipeline.sweep_result import BenchSettings, SweepPoint, SweepResult
 from gdws_deploy.robustness.check import RobustnessCheck

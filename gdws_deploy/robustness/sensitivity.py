@@ -37,7 +37,7 @@ from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.mirror import OnnxMirror
 
 if TYPE_CHECKING:  # the pipeline's options pass through; robustness does not build them
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
 
 # Kernel counts measured per layer, in multiples of its input channels C (G = C is the
 # depthwise-separable point); 0 (the layer zeroed) is always measured too.

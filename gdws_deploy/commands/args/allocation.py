@@ -10,7 +10,7 @@ from gdws_deploy.commands.args.base import ArgGroup, Flags
 from gdws_deploy.passes.gdws.allocation import ALLOCATIONS
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
 
 ALLOCATION_HELP = "How a MAC target shares kernels across layers: " + "; ".join(
     f"{name}: {text}" for name, text in ALLOCATIONS.items()
@@ -30,6 +30,6 @@ class AllocationArgs(ArgGroup):
 
     @staticmethod
     def apply(options: ConvertOptions, flags: Flags) -> ConvertOptions:
-        from gdws_deploy.pipeline.options import ConvertOptions
+        from gdws_deploy.options import ConvertOptions
 
         return ConvertOptions.of(options, allocation=flags["allocation"])

@@ -11,7 +11,7 @@ from gdws_deploy.commands.args.target import SpeedGoalArgs, TargetArgs
 from gdws_deploy.commands.args.tune import TuneArgs
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
 
 
 class ConvertArgs:
@@ -27,7 +27,7 @@ class ConvertArgs:
 
     def build(self, flags: Flags, searched: bool = False) -> ConvertOptions:
         """The options; `searched`: a search chooses the MAC target, so none is defaulted."""
-        from gdws_deploy.pipeline.options import ConvertOptions
+        from gdws_deploy.options import ConvertOptions
 
         options = ConvertOptions(alphas=flags["alphas"], check_parity=not flags["no_parity"])
         options = self.speed_goal.apply(options, flags)

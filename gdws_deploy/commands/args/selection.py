@@ -9,7 +9,7 @@ import click
 from gdws_deploy.commands.args.base import ArgGroup, Flags
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
 
 
 class SelectionArgs(ArgGroup):
@@ -31,7 +31,7 @@ class SelectionArgs(ArgGroup):
 
     @staticmethod
     def apply(options: ConvertOptions, flags: Flags) -> ConvertOptions:
-        from gdws_deploy.pipeline.options import ConvertOptions
+        from gdws_deploy.options import ConvertOptions
 
         return ConvertOptions.of(
             options,

@@ -11,7 +11,7 @@ from gdws_deploy.commands.args.base import ArgGroup, Flags, number
 from gdws_deploy.errors import GdwsError
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
 
 DEFAULT_MAC_REDUCTION = 2.0
 FLOAT, INT = number(float), number(int)
@@ -43,7 +43,7 @@ class TargetArgs(ArgGroup):
     def apply(self, options: ConvertOptions, flags: Flags, default: bool = True) -> ConvertOptions:
         """`options` with these targets; with `default`, the default MAC reduction when no
         target (speed goals included) is given."""
-        from gdws_deploy.pipeline.options import ConvertOptions
+        from gdws_deploy.options import ConvertOptions
 
         beta, budget, mac_reduction = flags["beta"], flags["budget"], flags["mac_reduction"]
         if default and not self.given(flags) and not options.has_speed_goal:
@@ -75,7 +75,7 @@ class SpeedGoalArgs(ArgGroup):
     @staticmethod
     def apply(options: ConvertOptions, flags: Flags) -> ConvertOptions:
         """`options` with the speed goal; a goal needs a backend to measure on (--tune)."""
-        from gdws_deploy.pipeline.options import ConvertOptions
+        from gdws_deploy.options import ConvertOptions
 
         speedup, speed_ratio = flags["speedup"], flags["speed_ratio"]
         if (speedup, speed_ratio) == (None, None):

@@ -11,7 +11,7 @@ import click
 from gdws_deploy.commands.args.base import ArgGroup, Flags, number
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.options import ConvertOptions
+    from gdws_deploy.options import ConvertOptions
 
 LOWERING_CHOICES = ("auto", "gather", "pad", "sum", "fold", "dense")
 TUNE_CHOICES = ("ort", "trt")
@@ -77,7 +77,7 @@ class TuneArgs(ArgGroup):
     ) -> ConvertOptions:
         """`options` with these flags; `threads`: onnxruntime's for --tune ort where
         --tune-threads is not declared."""
-        from gdws_deploy.pipeline.options import ConvertOptions
+        from gdws_deploy.options import ConvertOptions
         from gdws_deploy.speed.backends import backend_named
 
         tune = flags["tune"]

@@ -9,8 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from gdws_deploy.options import ConvertOptions
     from gdws_deploy.pipeline.convert import ConvertReport
-    from gdws_deploy.pipeline.options import ConvertOptions
 
 
 def layer_table(report: ConvertReport) -> Table:

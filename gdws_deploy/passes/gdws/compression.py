@@ -34,7 +34,7 @@ from gdws_deploy.passes.gdws.lowering import ALIGNED_LOWERINGS, LOWERINGS, PerLa
 from gdws_deploy.passes.gdws.rewrite import rewrite
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.options import AlphaSource, ConvertOptions
+    from gdws_deploy.options import AlphaSource, ConvertOptions
 
 # Why an eligible layer stayed dense when even one kernel costs as the dense conv.
 NO_GAIN = "GDWS form would not reduce its MACs"
