@@ -327,3 +327,18 @@ def test_max_robust_drop_kept_by_no_target_shows_the_search_then_fails_in_one_li
     )
     assert "search: largest MAC reduction" in out and "beyond" in out and "chosen" not in out
     assert files(tmp_path) == before
+
+
+def test_convert_without_data_does_not_load_torch(model_file, tmp_path):
+    """torch and the attacks cost more start-up than a whole small conversion: only a
+    calibrated conversion (--dataset) may load them."""
+    script = (
+        "import sys\n"
+        "from gdws_deploy.cli import main\n"
+        f"code = main(['convert', {str(model_file)!r}, '-o', {str(tmp_path / 'out.onnx')!r}])\n"
+        "assert code == 0, code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -57,7 +57,6 @@ def convert_command(
     allocation). Prints one row per Conv (its lowering too) and the parity of the result
     against MODEL in onnxruntime.
     """
-    from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
     from gdws_deploy.pipeline.convert import convert_file
 
     CALIBRATION.validate(flags)
@@ -75,7 +74,8 @@ def convert_command(
             report, rewritten = convert_file(
                 model, output, options, progress=progress, stage=progress.stage
             )
-    else:
+    else:  # torch and the attacks load only when calibrating
+        from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 
         def said(probe) -> None:
             if probe.drop is not None:
