@@ -15,7 +15,13 @@ from gdws_deploy.ir.graph import check_and_infer, load_model
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
-from gdws_deploy.pipeline.operating_point import RESOLUTION, check_max_drop, search_operating_point
+from gdws_deploy.pipeline.operating_point import (
+    RESOLUTION,
+    TUNE_CACHE_NAME,
+    check_max_drop,
+    clean_budget,
+    search_operating_point,
+)
 from gdws_deploy.robustness.sensitivity import calibrate
 from tests.cli_run import assert_one_line_error, run_cli
 
@@ -81,7 +87,10 @@ def test_convert_calibrated_writes_the_searched_target_calibrated_once(digits_mo
     assert [(p.target, p.drop) for p in probes] == [(p.target, p.drop) for p in point.probes]
     assert point.best is not None and point.best.model is None  # the probe files are gone
     assert report.target == f"mac_reduction={point.best.target:g}"
-    assert report.allocation == "measured" and report.reduction == point.best.reduction
+    # under allocation auto both rules are searched; the answer is the fastest of either
+    assert {p.rule for p in point.probes} == {"relative", "measured"}
+    assert report.allocation == point.best.rule and report.reduction == point.best.reduction
+    assert point.best.reduction == max(p.reduction for p in point.probes if p.within)
     assert rewritten and out.exists() and report.parity is not None
     assert quick_check().evaluate(out).robust_acc == point.best.robust_acc
 
@@ -165,8 +174,9 @@ def test_cli_writes_the_chosen_model_and_every_probe(digits_model, tmp_path, cap
     record = json.loads(report.read_text())
     best = record["search"]["best"]
     assert record["target"] == f"mac_reduction={best['target']:g}"
-    assert record["allocation"] == "measured" and best["drop"] <= MAX_DROP + 1e-9
-    assert len(record["search"]["probes"]) >= 2
+    assert record["allocation"] == best["rule"] and best["drop"] <= MAX_DROP + 1e-9
+    assert best["clean_drop"] <= 2 * MAX_DROP + 1e-9  # the default clean budget
+    assert {probe["rule"] for probe in record["search"]["probes"]} == {"relative", "measured"}
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -199,3 +209,41 @@ def test_cli_bad_calibration_input_is_one_line(digits_model, tmp_path, capsys, a
     result = run_cli(capsys, "convert", digits_model, "-o", out, *args)
     assert_one_line_error(result, fragment)
     assert not out.exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_probe_losing_clean_accuracy_beyond_its_budget_is_beyond(digits_model, tmp_path):
+    point = search_operating_point(
+        digits_model, 0.99, quick_check(), tmp_path, max_clean_drop=0.0, grid=(2.0, 3.0)
+    )
+    assert point.max_clean_drop == 0.0
+    measured = [p for p in point.probes if p.drop is not None]
+    assert measured
+    for probe in measured:
+        assert probe.drop <= 0.99  # the robust budget alone would keep every probe
+        assert probe.within == (probe.clean_drop <= 1e-12)
+        assert probe.clean_drop == pytest.approx(point.clean_acc - probe.clean_acc)
+
+
+def test_the_clean_budget_defaults_to_twice_the_robust_one():
+    assert clean_budget(0.01, None) == pytest.approx(0.02)
+    assert clean_budget(0.01, 0.05) == 0.05
+    with pytest.raises(GdwsError, match="max clean drop must be a fraction"):
+        clean_budget(0.01, 1.5)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_tuned_search_turns_the_speed_goal_and_keeps_the_fastest_probe(digits_model, tmp_path):
+    """Tuned on onnxruntime, the knob is a speed-up goal: every measured probe carries the
+    speed-up measured against the original, and the answer is the fastest within budget."""
+    options = ConvertOptions(tune="ort", tune_batch=32, allocation="relative")
+    point = search_operating_point(
+        digits_model, 0.99, quick_check(), tmp_path, options, grid=(1.2, 1.5), resolution=1
+    )
+    assert point.knob == "speedup"
+    measured = [p for p in point.probes if p.drop is not None]
+    assert measured and all(p.speedup is not None and p.rule == "relative" for p in measured)
+    within = [p for p in point.probes if p.within]
+    if within:
+        assert point.best.speedup == max(p.speedup for p in within)
+    assert (tmp_path / TUNE_CACHE_NAME).exists()  # one tune cache for every probe

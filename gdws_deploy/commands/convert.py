@@ -18,7 +18,7 @@ from gdws_deploy.commands.args.data import DataArgs
 from gdws_deploy.commands.render.console import stdout_console
 from gdws_deploy.commands.render.convert import layer_table, totals, warnings
 from gdws_deploy.commands.render.progress import LayerProgress
-from gdws_deploy.commands.render.sweep import search_table
+from gdws_deploy.commands.render.sweep import probe_line, search_table
 from gdws_deploy.errors import GdwsError
 
 DATA, ATTACKS, CONVERT = DataArgs(batch_size=128, required=False), AttackArgs(), ConvertArgs()
@@ -79,7 +79,7 @@ def convert_command(
 
         def said(probe) -> None:
             if probe.drop is not None:
-                errors.print(f"[dim]probe {probe.target:g}x: robust drop {probe.drop:+.1%}[/]")
+                errors.print(f"[dim]{probe_line(probe)}[/]")
 
         try:
             search, report, rewritten = convert_calibrated(
@@ -88,6 +88,7 @@ def convert_command(
                 options,
                 check,
                 flags["max_robust_drop"],
+                max_clean_drop=flags["max_clean_drop"],
                 on_probe=said,
                 stage=lambda text: errors.print(f"[dim]{text}[/]"),
             )

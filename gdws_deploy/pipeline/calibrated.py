@@ -1,15 +1,15 @@
 """A conversion calibrated on data: `convert --dataset` and `convert --max-robust-drop`.
 
-Data changes what a MAC target means: the allocation is judged by measured robust loss
-(or alphas) instead of the GDWS error alone, and with a robustness budget the target
-itself is searched. Calibration runs once; the fixed target, or every probe of the search
-and the answer written after it, reuse what it measured.
+Data changes what a target means: the allocation is judged by measured robust loss (or
+alphas) instead of the GDWS error alone, and with a robustness budget the target itself is
+searched, under each allocation rule worth trying (operating_point). Calibration runs once
+per rule; the fixed target, or every probe of the search, reuse what it measured.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
@@ -19,20 +19,25 @@ from gdws_deploy.pipeline.operating_point import (
     OperatingPoint,
     Probe,
     check_max_drop,
+    clean_budget,
     convert_within_drop,
+    knob_for,
+    search_rules,
 )
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 
 
 class DropNotKeptError(GdwsError):
-    """No MAC reduction kept the robust drop within the budget; nothing was written.
+    """No probe kept the robust and clean drops within their budgets; nothing was written.
 
     point: the search, every probe included, for whoever shows why."""
 
     def __init__(self, point: OperatingPoint) -> None:
+        knob = "speed-up goal" if point.knob == "speedup" else "MAC reduction"
         super().__init__(
-            f"no MAC reduction keeps the robust drop within {point.max_drop:g}: nothing written"
+            f"no {knob} keeps the robust drop within {point.max_drop:g} and the clean drop "
+            f"within {point.max_clean_drop:g}: nothing written"
         )
         self.point = point
 
@@ -44,12 +49,15 @@ def convert_calibrated(
     check: RobustnessCheck,
     max_robust_drop: Optional[float] = None,
     *,
+    max_clean_drop: Optional[float] = None,
     on_probe: Optional[Callable[[Probe], None]] = None,
     stage: Optional[Stage] = None,
 ) -> Tuple[Optional[OperatingPoint], ConvertReport, bool]:
     """Calibrate `options` on `check`, then convert `model` to `output` at options'
-    MAC target, or, given max_robust_drop, at the largest one whose robust drop under
-    `check` stays within it (see operating_point).
+    target, or, given max_robust_drop, search for the fastest conversion whose robust drop
+    under `check` stays within it and clean drop within max_clean_drop (default:
+    operating_point.clean_budget): by speed goal when tuned, else by MAC target, under each
+    rule of operating_point.search_rules (see operating_point).
 
     Returns the search (None without max_robust_drop), the report and whether `output`
     holds a rewritten model. stage: told when calibration starts (the conversions are
@@ -60,15 +68,39 @@ def convert_calibrated(
     check_output_path(output, model)
     if max_robust_drop is not None:
         check_max_drop(max_robust_drop)
+        clean_budget(max_robust_drop, max_clean_drop)
     if stage is not None:
         stage(f"calibrating on {len(check.dataset)} samples of {check.dataset.name}")
-    calibrated = calibrate(model, check, options)
     if max_robust_drop is None:
-        report, rewritten = convert_file(model, output, calibrated)
+        report, rewritten = convert_file(model, output, calibrate(model, check, options))
         return None, report, rewritten
     point, report = convert_within_drop(
-        model, output, max_robust_drop, check, calibrated, on_probe=on_probe
+        model,
+        output,
+        max_robust_drop,
+        check,
+        _candidates(model, check, options),
+        max_clean_drop=max_clean_drop,
+        on_probe=on_probe,
     )
     if report is None:
         raise DropNotKeptError(point)
     return point, report, report.converted > 0
+
+
+def _candidates(
+    model: Union[str, Path], check: RobustnessCheck, options: ConvertOptions
+) -> List[ConvertOptions]:
+    """The options of each rule a search tries, each calibrated for that rule (one SVD
+    cache among them); under a speed goal the measured rule's curves are per channel, as
+    the speed goal's options are (sensitivity.measure_loss_curves)."""
+    knob = knob_for(options)
+    first = knob.grid[0]
+    candidates: List[ConvertOptions] = []
+    for rule in search_rules(options):
+        shared = candidates[0].spectra_cache if candidates else options.spectra_cache
+        aimed = ConvertOptions.of(
+            options, allocation=rule, spectra_cache=shared, **{knob.name: first}
+        )
+        candidates.append(calibrate(model, check, aimed))
+    return candidates

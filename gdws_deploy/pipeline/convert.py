@@ -183,7 +183,7 @@ def convert(
     onnx_graph.verify(converted)
     if opts.check_parity:
         say("checking parity in onnxruntime")
-        report = _with_parity(report, model, converted, exact=opts.beta == 0)
+        report = with_parity(report, model, converted, exact=opts.beta == 0)
     return converted, report
 
 
@@ -341,9 +341,11 @@ def _row(
     )
 
 
-def _with_parity(
+def with_parity(
     report: ConvertReport, original: onnx.ModelProto, converted: onnx.ModelProto, exact: bool
 ) -> ConvertReport:
+    """The report with the converted model's deviation from the original in onnxruntime;
+    `exact` (beta = 0) makes a deviation beyond EXACT_PARITY_LIMIT an error."""
     from gdws_deploy.ir.parity import max_relative_deviation
 
     deviation = max_relative_deviation(original, converted)

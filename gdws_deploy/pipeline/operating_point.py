@@ -1,22 +1,28 @@
 """The fastest conversion within a robustness budget: `--max-robust-drop D`.
 
-Users ask for "the fewest MACs that lose at most D of robust accuracy", not for a beta.
-The MAC-reduction target is searched: a coarse grid going up brackets the answer (the
-last target within D, the first beyond it), then bisection in log space narrows the
-bracket to `resolution`. Every probe is converted with the same options (one SVD per
-layer in all, through a shared SpectraCache; the same alphas or loss curves) and judged
-by the same RobustnessCheck as the original, so a probe's drop is measured, not
-estimated. Robust accuracy is noisy: every probe is reported, and the answer is the
-largest target within D below the first one found beyond it.
+Users ask for "the fastest model that loses at most D of robust accuracy (and not much
+clean accuracy)", not for a beta. What is searched is a knob of the conversion: a speed-up
+goal when the conversion is tuned on a backend (speed is then measured, and a MAC target
+tuned afterwards gives much of its time back), else a MAC-reduction target. Per allocation
+rule tried, a coarse grid going up brackets the answer (the last knob value within the
+budget, the first beyond it), then bisection in log space narrows the bracket to
+`resolution`. Every probe is converted with its rule's calibrated options (one SVD per
+layer in all, through a shared SpectraCache; one tune cache, so each layer form is timed
+once) and judged by the same RobustnessCheck as the original, on the same samples, so a
+probe's drop is measured, not estimated. The answer is the fastest probe within the budget
+over every rule (measured speed-up; MAC reduction when untuned), and it is the probe's own
+model that is written: a tuned conversion depends on its timings and is not repeatable.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import onnx
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
@@ -29,35 +35,80 @@ from gdws_deploy.robustness.check import RobustnessCheck
 if TYPE_CHECKING:
     from gdws_deploy.pipeline.convert import ConvertReport
 
-COARSE_GRID = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 RESOLUTION = 0.05  # stop when the bracket's ends are within 5 % of each other
+TUNE_CACHE_NAME = "tune-cache.json"
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What a search turns: the ConvertOptions target `name`, over a rising grid."""
+
+    name: str
+    grid: Tuple[float, ...]
+    label: str
+
+
+MAC_TARGET = Knob("mac_reduction", (1.5, 2.0, 3.0, 4.0, 6.0, 8.0), "MAC reduction")
+SPEED_GOAL = Knob("speedup", (1.5, 2.0, 2.5, 3.0, 4.0, 5.0), "speed-up")
+# Rules a search under allocation "auto" tries: the scale-free rule, and the one measured
+# on the calibration data (neither wins on every model: README, issue 13).
+AUTO_RULES = ("relative", "measured")
+
+
+def knob_for(options: ConvertOptions) -> Knob:
+    """A conversion tuned on a backend is searched by speed goal, else by MAC target."""
+    tuned = options.tune is not None and options.lowering == "auto"
+    return SPEED_GOAL if tuned else MAC_TARGET
+
+
+def search_rules(options: ConvertOptions) -> Tuple[str, ...]:
+    """The allocation rules a search tries: both of AUTO_RULES under "auto", else the one
+    the user named."""
+    return AUTO_RULES if options.allocation == "auto" else (options.allocation,)
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One MAC-reduction target tried: what convert reached and what the check measured.
+    """One knob value tried under one allocation rule: what convert reached and what the
+    check measured.
 
-    reduction etc. are None when no allocation reaches the target (`note` says how far
-    one can go); drop = the original's robust accuracy minus this one's.
+    reduction etc. are None when the target is out of reach (`note` says how far one can
+    go); speedup: measured against the original on the tune backend (None untuned); drop
+    and clean_drop: the original's accuracy minus this one's, on the same samples.
+    report: the conversion's own report (not serialized).
     """
 
     target: float
     within: bool
+    rule: Optional[str] = None
     reduction: Optional[float] = None
     macs: Optional[int] = None
+    speedup: Optional[float] = None
     clean_acc: Optional[float] = None
     robust_acc: Optional[float] = None
     drop: Optional[float] = None
+    clean_drop: Optional[float] = None
     model: Optional[str] = None
     note: str = ""
+    report: Optional[ConvertReport] = field(default=None, compare=False, repr=False)
+
+    @property
+    def gain(self) -> float:
+        """What the search maximizes: measured speed-up, else MAC reduction."""
+        return self.speedup if self.speedup is not None else (self.reduction or 1.0)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if key != "report"}
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """The search: the original's accuracy, every probe in the order run, and the answer
-    (None when even the mildest probe lost more than `max_drop`)."""
+    """The search: the budget, the original's accuracy, every probe in the order run, and
+    the answer (None when even the mildest probe lost more than the budget)."""
 
     max_drop: float
+    max_clean_drop: float
+    knob: str
     clean_acc: float
     robust_acc: float
     probes: Tuple[Probe, ...]
@@ -66,19 +117,27 @@ class OperatingPoint:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            **asdict(self),
-            "probes": [asdict(probe) for probe in self.probes],
-            "best": asdict(self.best) if self.best else None,
+            **{key: value for key, value in asdict(self).items() if key not in ("probes", "best")},
+            "probes": [probe.to_dict() for probe in self.probes],
+            "best": self.best.to_dict() if self.best else None,
         }
 
 
-def check_max_drop(max_drop: float) -> float:
+def check_max_drop(max_drop: float, name: str = "max robust drop") -> float:
     """A drop is a fraction of accuracy in [0, 1): 0.01 is one point."""
     if not (math.isfinite(max_drop) and 0 <= max_drop < 1):
         raise GdwsError(
-            f"max robust drop must be a fraction in [0, 1) (0.01 is one point), got {max_drop:g}"
+            f"{name} must be a fraction in [0, 1) (0.01 is one point), got {max_drop:g}"
         )
     return max_drop
+
+
+def clean_budget(max_drop: float, max_clean_drop: Optional[float]) -> float:
+    """The clean-accuracy budget: as given, else twice the robust one (the paper's trade:
+    about one point robust and two clean)."""
+    if max_clean_drop is None:
+        return min(2 * max_drop, 0.99)
+    return check_max_drop(max_clean_drop, "max clean drop")
 
 
 def search_operating_point(
@@ -86,51 +145,63 @@ def search_operating_point(
     max_drop: float,
     check: RobustnessCheck,
     workdir: Union[str, Path],
-    convert_options: Optional[ConvertOptions] = None,
-    grid: Sequence[float] = COARSE_GRID,
+    candidates: Union[ConvertOptions, Sequence[ConvertOptions], None] = None,
+    *,
+    knob: Optional[Knob] = None,
+    max_clean_drop: Optional[float] = None,
+    grid: Optional[Sequence[float]] = None,
     resolution: float = RESOLUTION,
     on_probe: Optional[Callable[[Probe], None]] = None,
 ) -> OperatingPoint:
-    """Search the MAC-reduction target of `model` whose robust drop under `check` stays
-    within `max_drop`; probe models are written to `workdir` (best.model is the answer).
+    """Search `knob` (default: knob_for the first candidate) of `model` for the fastest
+    conversion whose robust drop under `check` stays within `max_drop` and clean drop
+    within `max_clean_drop` (default: clean_budget); probe models are written to `workdir`
+    (best.model is the answer).
 
-    convert_options: what every probe is converted with (allocation, alphas, loss_curves,
-    include, ...) but its MAC target; a SpectraCache is added when it has none.
+    candidates: the options every probe is converted with but the knob, one per rule tried
+    (each calibrated for its rule); a SpectraCache and, when tuned, a tune cache in
+    `workdir` are shared among them. grid: the knob's coarse grid (default: knob.grid).
     """
     check_max_drop(max_drop)
+    clean = clean_budget(max_drop, max_clean_drop)
+    candidates = _shared(candidates, workdir)
+    knob = knob or knob_for(candidates[0])
+    grid = tuple(knob.grid if grid is None else grid)
     if not grid or any(t <= 1 for t in grid) or list(grid) != sorted(grid):
         raise GdwsError(f"search grid must rise from above 1, got {list(grid)}")
     if not resolution > 0:
         raise GdwsError(f"search resolution must be > 0, got {resolution}")
     loaded = load_model(model)
-    options = _sharing_spectra(convert_options)
-    baseline = check.evaluate(model)
+    baseline = check.evaluate(loaded.model)
     probes: List[Probe] = []
 
-    def run(target: float) -> Probe:
-        probe = _probe(
-            loaded, target, options, check, baseline.robust_acc, max_drop, workdir, len(probes)
-        )
+    def run(options: ConvertOptions, target: float) -> Probe:
+        converted = _convert(loaded, options, knob, target)
+        if isinstance(converted, Probe):
+            probe = converted
+        else:
+            path = Path(workdir) / f"probe{len(probes):02d}-{options.allocation}-{target:g}.onnx"
+            save_model(converted[0], path, like=loaded)
+            judged = _judged(converted[1], target, options.allocation, path, check, baseline)
+            probe = replace(judged, within=_keeps(judged, max_drop, clean))
         probes.append(probe)
         if on_probe is not None:
             on_probe(probe)
         return probe
 
-    low, high, best = 1.0, None, None
-    for target in grid:
-        probe = run(target)
-        if not probe.within:
-            high = target
-            break
-        low, best = target, probe
-    while high is not None and high / low > 1 + resolution:
-        probe = run(math.sqrt(low * high))
-        if probe.within:
-            low, best = probe.target, probe
-        else:
-            high = probe.target
+    for options in candidates:
+        _bracket(lambda target, options=options: run(options, target), grid, resolution)
+    within = [probe for probe in probes if probe.within]
+    best = max(within, key=lambda probe: probe.gain, default=None)
     return OperatingPoint(
-        max_drop, baseline.clean_acc, baseline.robust_acc, tuple(probes), best, check.describe()
+        max_drop,
+        clean,
+        knob.name,
+        baseline.clean_acc,
+        baseline.robust_acc,
+        tuple(probes),
+        best,
+        check.describe(),
     )
 
 
@@ -139,70 +210,128 @@ def convert_within_drop(
     output: Union[str, Path],
     max_drop: float,
     check: RobustnessCheck,
-    convert_options: Optional[ConvertOptions] = None,
+    candidates: Union[ConvertOptions, Sequence[ConvertOptions], None] = None,
+    *,
+    max_clean_drop: Optional[float] = None,
     on_probe: Optional[Callable[[Probe], None]] = None,
 ) -> Tuple[OperatingPoint, Optional[ConvertReport]]:
-    """`convert --max-robust-drop`: search, then write the answer to `output` as
-    convert_file does (the conversion is deterministic: the same model as its probe;
-    convert_options.check_parity says whether its parity is checked).
+    """`convert --max-robust-drop`: search, then write the chosen probe's model to `output`
+    as convert_file would (its parity checked when the options say so).
 
-    The report is None, and nothing is written, when no target keeps the drop.
+    The report is None, and nothing is written, when no probe keeps the budget.
     """
-    from gdws_deploy.pipeline.convert import convert_file
+    from gdws_deploy.pipeline.convert import with_parity
 
     check_max_drop(max_drop)
     check_output_path(output, source)
-    options = _sharing_spectra(convert_options)
     with tempfile.TemporaryDirectory(prefix="gdws-search-") as workdir:
-        point = search_operating_point(source, max_drop, check, workdir, options, on_probe=on_probe)
+        point = search_operating_point(
+            source,
+            max_drop,
+            check,
+            workdir,
+            candidates,
+            max_clean_drop=max_clean_drop,
+            on_probe=on_probe,
+        )
+        best = point.best
+        report = None
+        if best is not None:
+            original = load_model(source)
+            chosen = onnx.load(best.model)
+            report = best.report
+            if _options(candidates).check_parity:
+                report = with_parity(report, original.model, chosen, exact=False)
+            save_model(chosen, output, like=original)
     point = replace(  # the probe files went with the temporary folder
         point,
         probes=tuple(replace(probe, model=None) for probe in point.probes),
         best=point.best and replace(point.best, model=None),
     )
-    if point.best is None:
-        return point, None
-    report, _ = convert_file(source, output, options, mac_reduction=point.best.target)
     return point, report
 
 
-def _sharing_spectra(options: Optional[ConvertOptions]) -> ConvertOptions:
-    """`options` with a SpectraCache, so that the probes factor each layer once in all."""
-    options = options or ConvertOptions()
-    if options.spectra_cache is not None:
-        return options
-    return ConvertOptions.of(options, spectra_cache=SpectraCache())
+def _bracket(run: Callable[[float], Probe], grid: Sequence[float], resolution: float) -> None:
+    """Probe up the grid to the first value beyond the budget, then bisect the bracket."""
+    low, high = 1.0, None
+    for target in grid:
+        if not run(target).within:
+            high = target
+            break
+        low = target
+    while high is not None and high / low > 1 + resolution:
+        probe = run(math.sqrt(low * high))
+        if probe.within:
+            low = probe.target
+        else:
+            high = probe.target
 
 
-def _probe(
-    loaded: LoadedModel,
-    target: float,
-    options: ConvertOptions,
-    check: RobustnessCheck,
-    robust_acc: float,
-    max_drop: float,
-    workdir: Union[str, Path],
-    index: int,
-) -> Probe:
-    """Convert at `target`, save, measure; out-of-reach targets count as beyond the drop."""
+def _options(candidates: Union[ConvertOptions, Sequence[ConvertOptions], None]) -> ConvertOptions:
+    if isinstance(candidates, ConvertOptions):
+        return candidates
+    return candidates[0] if candidates else ConvertOptions()
+
+
+def _shared(
+    candidates: Union[ConvertOptions, Sequence[ConvertOptions], None], workdir: Union[str, Path]
+) -> List[ConvertOptions]:
+    """The candidates with one SpectraCache (each layer factored once in all) and, when
+    tuned without a cache file, one tune cache in `workdir` (each form timed once)."""
+    if candidates is None or isinstance(candidates, ConvertOptions):
+        candidates = [candidates or ConvertOptions()]
+    first = candidates[0]
+    cache = first.spectra_cache if first.spectra_cache is not None else SpectraCache()
+    shared = []
+    for options in candidates:
+        changes: Dict[str, Any] = {}
+        if options.spectra_cache is None:
+            changes["spectra_cache"] = cache
+        if options.tune is not None and options.tune_cache is None:
+            changes["tune_cache"] = Path(workdir) / TUNE_CACHE_NAME
+        shared.append(ConvertOptions.of(options, **changes))
+    return shared
+
+
+def _convert(
+    loaded: LoadedModel, options: ConvertOptions, knob: Knob, target: float
+) -> Union[Probe, Tuple[onnx.ModelProto, ConvertReport]]:
+    """The conversion at `target`, or a probe beyond the budget where it is out of reach."""
     from gdws_deploy.pipeline.convert import convert
 
     target = float(f"{target:.4g}")
     try:
-        converted, report = convert(loaded, options, mac_reduction=target, check_parity=False)
+        return convert(loaded, options, **{knob.name: target, "check_parity": False})
     except UnreachableTargetError as error:
-        return Probe(target, within=False, note=str(error))
-    path = Path(workdir) / f"probe{index:02d}-{target:g}x.onnx"
-    save_model(converted, path, like=loaded)
+        return Probe(target, within=False, rule=options.allocation, note=str(error))
+
+
+def _keeps(probe: Probe, max_drop: float, max_clean_drop: float) -> bool:
+    """Whether a measured probe stays within both budgets (up to float rounding)."""
+    return probe.drop <= max_drop + 1e-12 and probe.clean_drop <= max_clean_drop + 1e-12
+
+
+def _judged(
+    report: ConvertReport,
+    target: float,
+    rule: str,
+    path: Path,
+    check: RobustnessCheck,
+    baseline: Any,
+) -> Probe:
+    """A saved probe measured by `check` against the original's figures."""
     result = check.evaluate(path)
-    drop = robust_acc - result.robust_acc
     return Probe(
-        target,
-        within=drop <= max_drop + 1e-12,
+        float(f"{target:.4g}"),
+        within=False,
+        rule=rule,
         reduction=report.reduction,
         macs=report.macs_after,
+        speedup=report.measured_speedup,
         clean_acc=result.clean_acc,
         robust_acc=result.robust_acc,
-        drop=drop,
+        drop=baseline.robust_acc - result.robust_acc,
+        clean_drop=baseline.clean_acc - result.clean_acc,
         model=str(path),
+        report=report,
     )

@@ -319,12 +319,12 @@ def _search(
 
     def report(probe) -> None:
         if probe.drop is None:
-            say(f"search: {probe.target:g}x out of reach")
+            say(f"search: {probe.rule} {probe.target:g}x out of reach")
             return
         verdict = "within" if probe.within else "beyond"
-        say(f"search: {probe.target:g}x -> robust drop {probe.drop:+.1%} ({verdict})")
+        say(f"search: {probe.rule} {probe.target:g}x -> robust drop {probe.drop:+.1%} ({verdict})")
 
-    say(f"searching the largest MAC reduction within {max_drop:.3g} robust drop")
+    say(f"searching the fastest conversion within {max_drop:.3g} robust drop")
     try:
         point, _, _ = convert_calibrated(
             model, paths["max-drop"], options, calibration, max_drop, on_probe=report

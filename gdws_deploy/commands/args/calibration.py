@@ -26,8 +26,17 @@ class CalibrationArgs(ArgGroup):
                 "--max-robust-drop",
                 type=number(float),
                 metavar="D",
-                help="Search the largest MAC reduction losing at most D robust accuracy (0.01: "
-                "one point) on --dataset, instead of a fixed target.",
+                help="Search the fastest conversion losing at most D robust accuracy (0.01: "
+                "one point) on --dataset, instead of a fixed target: speed-up goals with "
+                "--tune (speed measured there), else MAC targets; under --allocation auto "
+                "both the relative and the measured rule are tried.",
+            ),
+            click.option(
+                "--max-clean-drop",
+                type=number(float),
+                metavar="C",
+                help="With --max-robust-drop: lose at most C clean accuracy too "
+                "[default: twice D].",
             ),
         )
 
@@ -36,6 +45,8 @@ class CalibrationArgs(ArgGroup):
         """Calibration data serves a MAC target; --max-robust-drop chooses that target."""
         per_layer = flags["beta"] is not None or flags["budget"] is not None
         if flags["max_robust_drop"] is None:
+            if flags["max_clean_drop"] is not None:
+                raise GdwsError("--max-clean-drop bounds --max-robust-drop's search: give both")
             if flags["dataset"] is not None and per_layer:
                 raise GdwsError(
                     "--dataset calibrates a MAC-reduction target; --beta and --budget do not use it"
@@ -44,9 +55,11 @@ class CalibrationArgs(ArgGroup):
         from gdws_deploy.pipeline.operating_point import check_max_drop
 
         check_max_drop(flags["max_robust_drop"])
+        if flags["max_clean_drop"] is not None:
+            check_max_drop(flags["max_clean_drop"], "--max-clean-drop")
         if per_layer or flags["mac_reduction"] is not None:
             raise GdwsError(
-                "--max-robust-drop chooses the MAC reduction itself: leave out "
+                "--max-robust-drop chooses the target itself: leave out "
                 "--beta, --budget and --mac-reduction"
             )
         if flags["dataset"] is None:
@@ -54,7 +67,10 @@ class CalibrationArgs(ArgGroup):
                 "--max-robust-drop needs --dataset CALIB, the data the drop is measured on"
             )
         if flags["speedup"] is not None or flags["speed_ratio"] is not None:
-            raise GdwsError("a speed goal and --max-robust-drop's MAC search do not mix: give one")
+            raise GdwsError(
+                "--max-robust-drop searches the speed goal itself (with --tune): "
+                "leave out --speedup and --speed-ratio"
+            )
 
     def build(self, flags: Flags) -> Optional[RobustnessCheck]:
         return None if flags["dataset"] is None else self.check.build(flags)

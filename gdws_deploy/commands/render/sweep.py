@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, List
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.operating_point import OperatingPoint
+    from gdws_deploy.pipeline.operating_point import OperatingPoint, Probe
     from gdws_deploy.pipeline.sweep_result import SweepResult
 
 
@@ -48,30 +48,49 @@ def sweep_table(result: SweepResult) -> Table:
 
 def search_table(point: OperatingPoint) -> Table:
     """Every probe of a --max-robust-drop search, in the order run."""
+    knob = "speed-up goal" if point.knob == "speedup" else "MAC reduction"
     table = Table(
-        title=f"search: largest MAC reduction losing <= {point.max_drop:.1%} robust accuracy "
-        f"(original {point.robust_acc:.1%} on {point.check['samples']} samples of "
+        title=f"search: fastest {knob} losing <= {point.max_drop:.1%} robust and "
+        f"<= {point.max_clean_drop:.1%} clean accuracy (original {point.robust_acc:.1%} robust, "
+        f"{point.clean_acc:.1%} clean on {point.check['samples']} samples of "
         f"{point.check['dataset']})",
         title_justify="left",
     )
-    for column in ("target", "reached", "clean", "robust", "drop", "verdict"):
+    table.add_column("rule")
+    columns = ("target", "fewer MACs", "speed-up", "clean", "robust", "drop", "clean drop")
+    for column in (*columns, "verdict"):
         table.add_column(column, justify="right")
     for probe in point.probes:
         if probe.reduction is None:
-            table.add_row(f"{probe.target:g}x", "-", "-", "-", "-", probe.note)
+            table.add_row(probe.rule or "-", f"{probe.target:g}x", *["-"] * 6, probe.note)
             continue
         verdict = "within" if probe.within else "beyond"
         if probe == point.best:
             verdict = "[bold green]chosen[/]"
         table.add_row(
+            probe.rule or "-",
             f"{probe.target:g}x",
             f"{probe.reduction:.2f}x",
+            "-" if probe.speedup is None else f"{probe.speedup:.2f}x",
             f"{probe.clean_acc:.1%}",
             f"{probe.robust_acc:.1%}",
             f"{probe.drop:+.1%}",
+            f"{probe.clean_drop:+.1%}",
             verdict,
         )
     return table
+
+
+def probe_line(probe: Probe) -> str:
+    """One probe as it is measured, for progress on stderr."""
+    if probe.drop is None:
+        return f"probe {probe.rule} {probe.target:g}x: out of reach"
+    speed = "" if probe.speedup is None else f", {probe.speedup:.2f}x faster"
+    verdict = "within" if probe.within else "beyond"
+    return (
+        f"probe {probe.rule} {probe.target:g}x: {probe.reduction:.2f}x fewer MACs{speed}, "
+        f"robust drop {probe.drop:+.1%}, clean drop {probe.clean_drop:+.1%} ({verdict})"
+    )
 
 
 def sweep_summary(result: SweepResult, out: Path) -> List[str]:
@@ -79,7 +98,7 @@ def sweep_summary(result: SweepResult, out: Path) -> List[str]:
     lines = []
     best = result.operating_point and result.operating_point.best
     if result.operating_point is not None and best is None:
-        lines.append("no MAC reduction keeps the robust drop within the limit: keep the original")
+        lines.append("no conversion keeps the robust drop within the limit: keep the original")
     chosen = [p for p in result.points if p.kind == "max-drop"]
     for point in chosen:
         lines.append(
