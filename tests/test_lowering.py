@@ -384,7 +384,7 @@ def model_file(tmp_path):
         (["--tune", "ort", "--tune-batch", "two"], "--tune-batch must be a number"),
         (["--tune", "ort", "--tune-threads", "-1"], "threads must be a whole number >= 0"),
         (["--tune-threads", "2"], "--tune-threads needs --tune ort"),
-        (["--tune-batch", "8"], "a tune batch or cache needs tuning"),
+        (["--tune-batch", "8"], "needs a backend to tune on: give --tune ort|trt"),
         (["--tune", "ort", "--lowering", "pad"], "use it with lowering auto, not pad"),
     ],
 )

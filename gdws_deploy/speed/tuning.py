@@ -61,7 +61,9 @@ def cost_model_for(
     if tune is None:
         check_strategy(strategy, tuned=False)
         if batch is not None or cache is not None:
-            raise GdwsError("a tune batch or cache needs tuning: give --tune (tune=) too")
+            raise GdwsError(
+                "a tune batch or cache needs a backend to tune on: give --tune ort|trt too"
+            )
         return None
     check_strategy(strategy, tuned=True)
     backend = tune if isinstance(tune, Backend) else backend_named(tune)

@@ -1,0 +1,249 @@
+"""Fast and robust: every conversion the README offers, and what --max-robust-drop picks.
+
+For one model this converts it with each rule and goal of the README (the MAC target
+untuned and tuned, speed goals, the calibrated MAC target) and runs the search
+`convert --max-robust-drop D --dataset CALIB --tune ort` itself, then measures every
+result side by side: throughput on onnxruntime at --batch (all models timed interleaved in
+one process, the original twice as the run's A/A control), clean and robust accuracy
+(PGD l_inf through the mirror, verdicts from onnxruntime) on a seeded random subset of the
+held-out split, with Wilson 95 % intervals. Prints a markdown table; the row the search
+picked is marked, against the goal: >= 2.3x faster with <= 1 point of robust and <= 2
+points of clean accuracy lost (the paper's VGG-16 on a Jetson: 2.3x at about one point).
+
+    .venv/bin/python benchmarks/joint.py ../shared/models/robust_vgg16_photos.onnx \\
+        --test npz:../shared/models/photos_rgb_test.npz \\
+        --calib npz:../shared/models/photos_rgb_calib.npz --eps 8/255 --step-size 2/255
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.ir.graph import load_model
+from gdws_deploy.options import ConvertOptions
+from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
+from gdws_deploy.pipeline.convert import ConvertReport, convert_file
+from gdws_deploy.robustness.attacks import make_attacks, parse_fraction
+from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.data import Dataset, load_dataset
+from gdws_deploy.speed.backends import Timing, backend_named, time_models
+from gdws_deploy.speed.cost_model import model_input_shape
+
+# (label, options, calibrated): every rule and goal the README offers, as a user types them.
+ROWS = (
+    ("--mac-reduction 2 (untuned)", {"mac_reduction": 2.0}, False),
+    ("--mac-reduction 2 --tune ort", {"mac_reduction": 2.0, "tune": "ort"}, False),
+    ("--mac-reduction 3 --tune ort", {"mac_reduction": 3.0, "tune": "ort"}, False),
+    (
+        "--mac-reduction 2 --speed-ratio 0.8 --tune ort",
+        {"mac_reduction": 2.0, "speed_ratio": 0.8, "tune": "ort"},
+        False,
+    ),
+    ("--speedup 2.3 --tune ort", {"speedup": 2.3, "tune": "ort"}, False),
+    (
+        "--mac-reduction 4 --speed-ratio 0.8 --tune ort",
+        {"mac_reduction": 4.0, "speed_ratio": 0.8, "tune": "ort"},
+        False,
+    ),
+    ("--mac-reduction 2 --dataset CALIB --tune ort", {"mac_reduction": 2.0, "tune": "ort"}, True),
+)
+TIMING = Timing(rounds=6, queries=6, seconds=1.0, warmup_ms=100.0)
+GOAL_SPEEDUP, GOAL_ROBUST_DROP, GOAL_CLEAN_DROP = 2.3, 0.01, 0.02
+
+
+@dataclass
+class Row:
+    label: str
+    path: Path
+    report: Optional[ConvertReport] = None
+    seconds: float = 0.0
+    clean: float = 0.0
+    robust: float = 0.0
+    ci: tuple = (0.0, 0.0)
+    searched: bool = False
+    failed: bool = False
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    args = _parser().parse_args(list(argv) or None)
+    attacks = tuple(
+        make_attacks(
+            "pgd-linf",
+            {"linf": parse_fraction(args.eps)},
+            args.steps,
+            {"linf": parse_fraction(args.step_size)} if args.step_size else None,
+        )
+    )
+    test = RobustnessCheck(_subset(load_dataset(args.test), args.limit, args.seed), attacks)
+    calib = RobustnessCheck(load_dataset(args.calib, args.calib_limit), attacks)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gdws-joint-") as scratch:
+        work = Path(scratch)
+        base = ConvertOptions(tune_batch=args.batch, tune_cache=work / "tune-cache.json")
+        rows = [Row("original", Path(args.model))]
+        for label, changes, calibrated in ROWS:
+            rows.append(_converted(args.model, work, label, base, changes, calibrated, calib))
+            print(f"[{time.perf_counter() - start:.0f} s] {label}: converted", file=sys.stderr)
+        rows.append(_searched(args, work, base, calib))
+        print(f"[{time.perf_counter() - start:.0f} s] search done", file=sys.stderr)
+        _measure_speed(rows, args.batch, args.threads)
+        for row in (row for row in rows if not row.failed):
+            report = test.evaluate(row.path)
+            row.clean, row.robust, row.ci = report.clean_acc, report.robust_acc, report.robust_ci95
+            print(f"[{time.perf_counter() - start:.0f} s] {row.label}: evaluated", file=sys.stderr)
+    _print_table(rows, test, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps([_record(row, rows[0]) for row in rows], indent=2))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--test", default="photos", help="held-out split, judged on")
+    parser.add_argument("--calib", default="photos:train", help="split the search calibrates on")
+    parser.add_argument("--limit", type=int, default=1000, help="held-out samples (seeded subset)")
+    parser.add_argument("--calib-limit", type=int, default=500, help="calibration samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out subset")
+    parser.add_argument("--eps", default="8/255", help="l_inf budget (the model's training eps)")
+    parser.add_argument("--step-size", default=None, help="PGD step [default: 2.5*eps/steps]")
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps")
+    parser.add_argument("--batch", type=int, default=32, help="batch tuned and timed at")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    parser.add_argument("--max-robust-drop", type=float, default=GOAL_ROBUST_DROP)
+    parser.add_argument("--json", help="write the rows here too")
+    return parser
+
+
+def _subset(data: Dataset, limit: int, seed: int) -> Dataset:
+    """A seeded random subset: held-out files are often ordered by class."""
+    if limit >= len(data):
+        return data
+    picked = np.sort(np.random.default_rng(seed).permutation(len(data))[:limit])
+    return Dataset(
+        f"{data.name} ({limit} of {len(data)}, seed {seed})", data.x[picked], data.y[picked]
+    )
+
+
+def _converted(
+    model: str,
+    work: Path,
+    label: str,
+    base: ConvertOptions,
+    changes: Dict,
+    calibrated: bool,
+    calib: RobustnessCheck,
+) -> Row:
+    path = work / f"row{len(list(work.glob('row*.onnx'))):02d}.onnx"
+    tuned = base if "tune" in changes else ConvertOptions()
+    options = ConvertOptions.of(tuned, check_parity=False, **changes)
+    try:
+        if calibrated:
+            _, report, _ = convert_calibrated(model, path, options, calib)
+        else:
+            report, _ = convert_file(model, path, options)
+    except GdwsError as error:  # an unreachable goal is a result too
+        print(f"{label}: {error}", file=sys.stderr)
+        return Row(f"{label} (failed: {error})", Path(model), failed=True)
+    return Row(label, path, report)
+
+
+def _searched(args: argparse.Namespace, work: Path, base: ConvertOptions, calib) -> Row:
+    label = f"--max-robust-drop {args.max_robust_drop:g} --dataset CALIB --tune ort"
+    path = work / "searched.onnx"
+    options = ConvertOptions.of(base, tune="ort", check_parity=False)
+    try:
+        point, report, _ = convert_calibrated(
+            args.model, path, options, calib, args.max_robust_drop, on_probe=_said
+        )
+    except DropNotKeptError as error:
+        print(error, file=sys.stderr)
+        return Row(f"{label} -> nothing kept the budget", Path(args.model), failed=True)
+    best = point.best
+    print(
+        f"search chose {best.rule} at {best.target:g}x ({point.knob}): calibration drop "
+        f"{best.drop:+.1%} robust, {best.clean_drop:+.1%} clean",
+        file=sys.stderr,
+    )
+    return Row(f"{label} -> {best.rule} {point.knob} {best.target:g}", path, report, searched=True)
+
+
+def _said(probe) -> None:
+    if probe.drop is None:
+        print(f"  probe {probe.rule} {probe.target:g}: out of reach", file=sys.stderr)
+        return
+    verdict = "within" if probe.within else "beyond"
+    print(
+        f"  probe {probe.rule} {probe.target:g}: {probe.speedup or 0:.2f}x faster, robust "
+        f"{probe.drop:+.1%}, clean {probe.clean_drop:+.1%}, {verdict}",
+        file=sys.stderr,
+    )
+
+
+def _measure_speed(rows: List[Row], batch: int, threads: Optional[int]) -> None:
+    """Every model and the original again, timed interleaved in one process."""
+    backend = backend_named("ort", threads)
+    rows = [row for row in rows if not row.failed]
+    models = [load_model(row.path).model for row in rows]
+    shape = model_input_shape(models[0], batch)
+    blobs = [(model.SerializeToString(), shape) for model in [*models, models[0]]]
+    seconds = time_models(backend, blobs, TIMING)
+    for row, value in zip(rows, seconds):
+        row.seconds = value
+    rows[0].seconds = float(np.sqrt(seconds[0] * seconds[-1]))
+    print(f"original A/A: {seconds[0] / seconds[-1]:.2f}", file=sys.stderr)
+
+
+def _print_table(rows: List[Row], test: RobustnessCheck, args: argparse.Namespace) -> None:
+    original = rows[0]
+    print(
+        f"\n{test.dataset.name}, PGD-{args.steps} l_inf {args.eps}, onnxruntime CPU, batch "
+        f"{args.batch}; goal: >= {GOAL_SPEEDUP}x faster, <= {GOAL_ROBUST_DROP:.0%} robust and "
+        f"<= {GOAL_CLEAN_DROP:.0%} clean accuracy lost\n"
+    )
+    print("| conversion | fewer MACs | speed-up | robust [95% CI] | clean | meets goal |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if row.failed:
+            print(f"| {row.label} | - | - | - | - | no |")
+            continue
+        record = _record(row, original)
+        meets = "-" if row is original else ("yes" if record["meets_goal"] else "no")
+        label = f"**{row.label}**" if row.searched else row.label
+        print(
+            f"| {label} | {record['reduction']:.2f}x | {record['speedup']:.2f}x | "
+            f"{row.robust:.1%} [{row.ci[0]:.1%}, {row.ci[1]:.1%}] | {row.clean:.1%} | {meets} |"
+        )
+
+
+def _record(row: Row, original: Row) -> Dict:
+    speedup = original.seconds / row.seconds if row.seconds else 1.0
+    reduction = row.report.reduction if row.report else 1.0
+    return {
+        "conversion": row.label,
+        "reduction": reduction,
+        "speedup": speedup,
+        "clean": row.clean,
+        "robust": row.robust,
+        "robust_ci95": list(row.ci),
+        "searched": row.searched,
+        "meets_goal": speedup >= GOAL_SPEEDUP
+        and original.robust - row.robust <= GOAL_ROBUST_DROP + 1e-12
+        and original.clean - row.clean <= GOAL_CLEAN_DROP + 1e-12,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
