@@ -65,6 +65,13 @@ def warnings(
             f"range (over {PARITY_WARNING:g}): check accuracy with gdws-deploy eval",
             soft_wrap=True,
         )
+    if rewritten and options.tune is None:
+        errors.print(
+            "[yellow]warning:[/] untuned: the GDWS layers were lowered by rule for no backend "
+            "and may run slower than MODEL; --tune ort (onnxruntime) or --tune trt (TensorRT, "
+            "on the device) times each layer where it will run and never writes a slower model",
+            soft_wrap=True,
+        )
     if not (options.has_speed_goal and rewritten):
         return
     wanted = SpeedGoal(options.speedup, options.speed_ratio).wanted(report.reduction)
