@@ -34,8 +34,7 @@ DEFAULT_ARCHITECTURES = ("preactresnet18", "vgg16")
 
 def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
-        generator = torch.Generator().manual_seed(0)
-        return pgd(model, x, y, "linf", 8 / 255, 10, 2 / 255, generator=generator)
+        return pgd(model, x, y, "linf", 8 / 255, 10, 2 / 255, seed=0)
 
     return run
 

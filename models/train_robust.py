@@ -106,7 +106,17 @@ def train(recipe: Recipe, model: nn.Module, data: Dataset) -> nn.Module:
         for batch in torch.randperm(len(labels), generator=gen).split(recipe.batch_size):
             x, y = _random_flip(images[batch], gen), labels[batch]
             x_adv, _ = pgd(
-                model, x, y, "linf", attack.eps, attack.steps, attack.step_size, "ce", True, gen
+                model,
+                x,
+                y,
+                "linf",
+                attack.eps,
+                attack.steps,
+                attack.step_size,
+                "ce",
+                True,
+                batch,
+                int(torch.randint(1 << 62, (), generator=gen)),
             )
             loss = nn.functional.cross_entropy(model(x_adv), y)
             optimizer.zero_grad()

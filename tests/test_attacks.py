@@ -10,6 +10,8 @@ from scipy.optimize import minimize
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.robustness.attacks import (
     Normalized,
+    SampleRandom,
+    _mix,
     apgd_checkpoints,
     make_attacks,
     margin,
@@ -144,7 +146,7 @@ def test_attack_lowers_accuracy_of_a_trained_model_within_budget(digits_test, na
     model = trained_digits_cnn()
     x, y = digits_test
     (attack,) = make_attacks(name, {"*": eps}, steps=10)
-    x_adv, margins = run_attack(model, attack, x, y, torch.Generator().manual_seed(0))
+    x_adv, margins = run_attack(model, attack, x, y, seed=0)
     clean, robust = _accuracy(model, x, y), _accuracy(model, x_adv, y)
     assert clean > 0.9
     assert robust < clean - 0.25, (clean, robust)
@@ -158,9 +160,9 @@ def test_worst_case_keeps_every_adversarial_example_found(digits_test):
     model = trained_digits_cnn()
     x, y = digits_test
     strong = make_attacks("pgd-linf", {"*": 0.1}, steps=5)
-    alone = worst_case(model, x, y, strong, torch.Generator().manual_seed(0))
+    alone = worst_case(model, x, y, strong, seed=0)
     powerless = make_attacks("pgd-l2", {"*": 0.0}, steps=5)
-    merged = worst_case(model, x, y, strong + powerless, torch.Generator().manual_seed(0))
+    merged = worst_case(model, x, y, strong + powerless, seed=0)
     assert alone.fooled.sum() > 0
     assert (merged.fooled >= alone.fooled).all()
     torch.testing.assert_close(merged.margin[alone.fooled], alone.margin[alone.fooled])
@@ -172,15 +174,13 @@ def test_worst_case_keeps_every_adversarial_example_found(digits_test):
 def test_restarts_only_lower_the_margin(digits_test):
     model = trained_digits_cnn()
     x, y = digits_test
-    once = worst_case(
-        model, x, y, make_attacks("pgd-l2", {"*": 0.5}, steps=3), torch.Generator().manual_seed(5)
-    )
+    once = worst_case(model, x, y, make_attacks("pgd-l2", {"*": 0.5}, steps=3), seed=5)
     thrice = worst_case(
         model,
         x,
         y,
         make_attacks("pgd-l2", {"*": 0.5}, steps=3, restarts=3),
-        torch.Generator().manual_seed(5),
+        seed=5,
     )
     assert (thrice.margin <= once.margin + 1e-6).all()
     assert thrice.fooled.sum() >= once.fooled.sum()
@@ -193,7 +193,7 @@ def test_normalization_is_inside_the_attacked_function(digits_test):
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), model((x - 0.25) / 0.5))
     (attack,) = make_attacks("pgd-linf", {"*": 0.05}, steps=5)
-    x_adv, _ = run_attack(wrapped, attack, x, y, torch.Generator().manual_seed(0))
+    x_adv, _ = run_attack(wrapped, attack, x, y, seed=0)
     change = (x_adv - x).abs().max()
     assert 0.04 < change <= 0.05 + 1e-6  # the budget is in [0, 1] image units
     assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -204,3 +204,63 @@ def test_dlr_needs_three_classes():
     (attack,) = make_attacks("apgd-dlr", steps=2)
     with pytest.raises(GdwsError, match="3 classes"):
         run_attack(model, attack, torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0]))
+
+
+def _splitmix64_finalizer(z: int) -> int:
+    """The reference finalizer on Python integers, for the torch int64 version."""
+    mask = (1 << 64) - 1
+    z &= mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_sample_hash_is_splitmix64_with_wrapping_int64_arithmetic():
+    values = [0, 1, 12345, -1, -(1 << 63), (1 << 63) - 1, 0x0123456789ABCDEF]
+    ours = _mix(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert [v & ((1 << 64) - 1) for v in ours] == [_splitmix64_finalizer(v) for v in values]
+
+
+def test_sample_noise_depends_on_seed_label_and_id_only():
+    ids = torch.tensor([5, 9, 2, 700])
+    rng = SampleRandom.of(3, ids, 4).fork("apgd-ce", 0)
+    noise = rng.uniform(2, 3)
+    assert noise.shape == (4, 2, 3) and noise.min() > 0 and noise.max() < 1
+    alone = SampleRandom.of(3, ids[2:3], 1).fork("apgd-ce", 0).uniform(2, 3)
+    torch.testing.assert_close(alone[0], noise[2], rtol=0, atol=0)
+    assert not torch.equal(SampleRandom.of(4, ids, 4).fork("apgd-ce", 0).uniform(2, 3), noise)
+    assert not torch.equal(SampleRandom.of(3, ids, 4).fork("apgd-ce", 1).uniform(2, 3), noise)
+    many = SampleRandom.of(0, None, 2000).uniform(50)
+    assert abs(many.mean().item() - 0.5) < 0.005 and abs(many.std().item() - 12**-0.5) < 0.005
+    normal = SampleRandom.of(0, None, 2000).normal(50)
+    assert abs(normal.mean().item()) < 0.01 and abs(normal.std().item() - 1) < 0.01
+
+
+def _fooled_in_batches(model, x, y, attacks, batch_size, order):
+    """worst_case run on the samples in `order`, `batch_size` at a time, back in data order."""
+    fooled = torch.zeros(len(y), dtype=torch.bool)
+    for chunk in order.split(batch_size):
+        fooled[chunk] = worst_case(model, x[chunk], y[chunk], attacks, chunk, seed=7).fooled
+    return fooled
+
+
+def test_verdicts_do_not_depend_on_batch_size_or_order(digits_test):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    attacks = make_attacks("pgd-l2,apgd-ce", {"l2": 0.6, "linf": 0.06}, steps=4)
+    in_order = torch.arange(len(y))
+    reference = _fooled_in_batches(model, x, y, attacks, 64, in_order)
+    assert 0 < reference.sum() < len(y)  # some broken, some robust: the test can tell
+    assert torch.equal(_fooled_in_batches(model, x, y, attacks, 7, in_order), reference)
+    shuffled = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_fooled_in_batches(model, x, y, attacks, 7, shuffled), reference)
+
+
+def test_a_combination_is_never_more_robust_than_its_first_attack(digits_test):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    ce, dlr = make_attacks("apgd-ce,apgd-dlr", {"*": 0.05}, steps=5)
+    alone = worst_case(model, x, y, [ce], seed=1)
+    both = worst_case(model, x, y, [ce, dlr], seed=1)
+    assert 0 < alone.fooled.sum() < len(y)
+    assert (both.fooled >= alone.fooled).all()

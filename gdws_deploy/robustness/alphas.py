@@ -214,7 +214,6 @@ def compute_alphas(
         dataset.check_model(
             mirror.input_shapes[0], lambda sample: model(torch.from_numpy(sample)).shape[1]
         )
-    generator = torch.Generator().manual_seed(seed)
     sums = AlphaSums()
     done = 0
     for x_batch, y_batch in dataset.batches(batch_size):
@@ -228,7 +227,8 @@ def compute_alphas(
                 attack.eps,
                 attack.steps,
                 attack.step_size,
-                generator=generator,
+                sample_ids=torch.arange(done, done + len(x)),
+                seed=seed,
             )
         accumulate_alphas(model, mirror, convs, x, sums)
         done += len(x)

@@ -12,10 +12,16 @@ feasible end kept, so results never leave the ball).
 
 Everything is vectorized over the batch. Models that expect normalized input are wrapped
 in `Normalized`, so the budget always applies to the [0, 1] image.
+
+Randomness is per sample: every attack takes the samples' indices in their data set and a
+base seed, and each random start or choice is a counter-based hash of (seed, attack,
+restart, sample id, element) (`SampleRandom`), so a verdict never depends on the batch a
+sample came in, its position there, or which other attacks ran before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -174,6 +180,84 @@ def with_normalization(
 
 
 # ----------------------------------------------------------------------------------------
+# Per-sample randomness
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 torch holds."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic on signed integers)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer: int64 -> int64, a bijection that scrambles every bit."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def _label_key(label: Union[str, int]) -> int:
+    """A stable 64-bit key for a label (Python's hash() changes between processes)."""
+    digest = hashlib.blake2b(str(label).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+class SampleRandom:
+    """Random numbers for a batch that depend only on each sample's key: its id in the data
+    set, the base seed and the labels forked in (attack, restart, purpose). Vectorized: a
+    counter-based hash (splitmix64) of (key, element index), no generator state."""
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.keys = keys
+
+    @classmethod
+    def of(
+        cls, seed: int, sample_ids: Optional[torch.Tensor], count: int, device=None
+    ) -> SampleRandom:
+        """Keys for samples `sample_ids` (default 0..count-1) under `seed`."""
+        ids = torch.arange(count) if sample_ids is None else torch.as_tensor(sample_ids)
+        if ids.shape != (count,):
+            raise GdwsError(f"sample_ids has shape {tuple(ids.shape)}, expected ({count},)")
+        base = _mix(torch.tensor(_label_key(f"seed {int(seed)}"), dtype=torch.int64))
+        return cls(_mix(base ^ _mix(ids.to(device=device, dtype=torch.int64) * _GOLDEN)))
+
+    def fork(self, *labels: Union[str, int]) -> SampleRandom:
+        """Independent streams per label: fork('apgd-ce', restart)."""
+        keys = self.keys
+        for label in labels:
+            keys = _mix(keys ^ _label_key(label))
+        return SampleRandom(keys)
+
+    def subset(self, index: torch.Tensor) -> SampleRandom:
+        return SampleRandom(self.keys[index])
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """(N, *shape) floats in (0, 1), 24 random bits each."""
+        count = math.prod(shape)
+        counter = torch.arange(1, count + 1, device=self.keys.device) * _GOLDEN
+        bits = _shift_right(_mix(self.keys[:, None] + counter[None, :]), 40)
+        return ((bits.float() + 0.5) / (1 << 24)).reshape(len(self.keys), *shape)
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        """(N, *shape) standard normals (Box-Muller)."""
+        u = self.uniform(2, *shape)
+        return torch.sqrt(-2 * torch.log(u[:, 0])) * torch.cos(2 * math.pi * u[:, 1])
+
+    def integers(self, high: torch.Tensor, *shape: int) -> torch.Tensor:
+        """(N, *shape) integers in [0, high), high broadcasting against that shape."""
+        return (self.uniform(*shape) * high).long().clamp_max(high - 1)
+
+
+# ----------------------------------------------------------------------------------------
 # Geometry: per-sample norms, steepest-ascent directions, exact projections
 
 
@@ -256,22 +340,19 @@ def steepest_direction(grad: torch.Tensor, x_adv: torch.Tensor, norm: str) -> to
     return grad.sign() * chosen.reshape(grad.shape) / count
 
 
-def random_start(
-    x: torch.Tensor, norm: str, eps: float, generator: Optional[torch.Generator]
-) -> torch.Tensor:
-    """A random perturbation inside the feasible set."""
-    device = generator.device if generator is not None else x.device
-    shape = x.shape
+def random_start(x: torch.Tensor, norm: str, eps: float, rng: SampleRandom) -> torch.Tensor:
+    """A random perturbation inside the feasible set, drawn from each sample's own stream."""
+    shape = x.shape[1:]
     if norm == "linf":
-        noise = (torch.rand(shape, generator=generator, device=device) * 2 - 1) * eps
+        noise = (rng.uniform(*shape) * 2 - 1) * eps
     else:
         if norm == "l2":
-            noise = torch.randn(shape, generator=generator, device=device)
+            noise = rng.normal(*shape)
         else:
             noise = torch.distributions.Laplace(0.0, 1.0).icdf(
-                torch.rand(shape, generator=generator, device=device).clamp(1e-6, 1 - 1e-6)
+                rng.uniform(*shape).clamp(1e-6, 1 - 1e-6)
             )
-        radius = torch.rand(shape[0], generator=generator, device=device) * eps
+        radius = rng.fork("radius").uniform() * eps  # (N,)
         noise = noise * _per_sample(radius / norm_of(noise, norm).clamp_min(1e-12), noise)
     return project(noise.to(x.device, x.dtype), x, norm, eps)
 
@@ -341,11 +422,17 @@ def pgd(
     step_size: Optional[float] = None,
     loss: str = "ce",
     random_init: bool = True,
-    generator: Optional[torch.Generator] = None,
+    sample_ids: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    restart: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Projected gradient ascent on the loss: (lowest-margin iterates, their margins)."""
+    """Projected gradient ascent on the loss: (lowest-margin iterates, their margins).
+
+    sample_ids (default 0..N-1), seed and restart pick each sample's random start.
+    """
     step_size = 2.5 * eps / steps if step_size is None else step_size
-    delta = random_start(x, norm, eps, generator) if random_init else torch.zeros_like(x)
+    rng = _stream(f"pgd-{norm}-{loss}", x, sample_ids, seed, restart)
+    delta = random_start(x, norm, eps, rng) if random_init else torch.zeros_like(x)
     best = _Best(x)
     for step in range(steps + 1):
         _, margins, grad = _evaluate(model, x + delta, y, loss, with_grad=step < steps)
@@ -377,7 +464,9 @@ def apgd(
     eps: float = 8 / 255,
     steps: int = 100,
     loss: str = "ce",
-    generator: Optional[torch.Generator] = None,
+    sample_ids: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    restart: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Auto-PGD (Croce & Hein 2020, Algorithm 1): momentum 0.75, step 2*eps halved at the
     checkpoints where fewer than 75% of the steps since the last one raised the loss, or
@@ -389,7 +478,8 @@ def apgd(
         raise GdwsError("the DLR loss needs at least 3 classes")
     checkpoints = apgd_checkpoints(steps)
     step = torch.full((len(x),), 2.0 * eps, device=x.device)
-    x_cur = x + random_start(x, norm, eps, generator)
+    rng = _stream(f"apgd-{norm}-{loss}", x, sample_ids, seed, restart)
+    x_cur = x + random_start(x, norm, eps, rng)
     f_cur, margins, grad = _evaluate(model, x_cur, y, loss)
     best = _Best(x)
     best.offer(x_cur, margins)
@@ -436,12 +526,21 @@ def _num_classes(model: Model, sample: torch.Tensor) -> int:
         return int(model(sample).shape[1])
 
 
+def _stream(
+    name: str, x: torch.Tensor, sample_ids: Optional[torch.Tensor], seed: int, restart: int
+) -> SampleRandom:
+    """The random stream of attack `name`'s restart `restart` on these samples."""
+    return SampleRandom.of(seed, sample_ids, len(x), x.device).fork(name, restart)
+
+
 def run_attack(
     model: Model,
     attack: Attack,
     x: torch.Tensor,
     y: torch.Tensor,
-    generator: Optional[torch.Generator] = None,
+    sample_ids: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    restart: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One restart of `attack`: (lowest-margin inputs, margins)."""
     if attack.method == "pgd":
@@ -455,9 +554,13 @@ def run_attack(
             attack.step_size,
             attack.loss,
             True,
-            generator,
+            sample_ids,
+            seed,
+            restart,
         )
-    return apgd(model, x, y, attack.norm, attack.eps, attack.steps, attack.loss, generator)
+    return apgd(
+        model, x, y, attack.norm, attack.eps, attack.steps, attack.loss, sample_ids, seed, restart
+    )
 
 
 @dataclass
@@ -477,21 +580,27 @@ def worst_case(
     x: torch.Tensor,
     y: torch.Tensor,
     attacks: Sequence[Attack],
-    generator: Optional[torch.Generator] = None,
+    sample_ids: Optional[torch.Tensor] = None,
+    seed: int = 0,
 ) -> WorstCase:
     """Every attack and restart; per sample the lowest margin wins, broken samples rest.
 
     Samples already misclassified (clean or by an earlier run) are not attacked again.
+    sample_ids are the samples' indices in their data set (default 0..N-1): with `seed`
+    they fix every random choice, so a sample's verdict is the same in any batch.
     """
+    ids = torch.arange(len(x)) if sample_ids is None else torch.as_tensor(sample_ids)
     with torch.no_grad():
         best_margin = margin(model(x), y)
     best_x = x.clone()
     for attack in attacks:
-        for _ in range(attack.restarts):
+        for restart in range(attack.restarts):
             active = (best_margin >= 0).nonzero()[:, 0]
             if len(active) == 0:
                 return WorstCase(best_x, best_margin)
-            x_adv, margins = run_attack(model, attack, x[active], y[active], generator)
+            x_adv, margins = run_attack(
+                model, attack, x[active], y[active], ids[active.cpu()], seed, restart
+            )
             better = margins < best_margin[active]
             best_margin[active] = torch.where(better, margins, best_margin[active])
             best_x[active] = torch.where(_per_sample(better, x_adv), x_adv, best_x[active])

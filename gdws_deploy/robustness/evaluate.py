@@ -135,12 +135,12 @@ def evaluate(
     with torch.no_grad():
         dataset.check_model(mirror.input_shapes[0], lambda x: target(torch.from_numpy(x)).shape[1])
     fixed = _fixed_batch(mirror.input_shapes[0])
-    generator = torch.Generator().manual_seed(seed)
     counts = _Counts()
     predict = functools.partial(_backend_predict, runner, mean=mean, std=std, fixed=fixed)
     with runner:
         for x_batch, y_batch in dataset.batches(batch_size):
-            _evaluate_batch(predict, target, attacks, x_batch, y_batch, generator, counts)
+            ids = torch.arange(counts.seen, counts.seen + len(y_batch))
+            _evaluate_batch(predict, target, attacks, x_batch, y_batch, ids, seed, counts)
             if progress is not None:
                 progress(counts.seen, len(dataset))
     n = counts.seen
@@ -170,10 +170,13 @@ def _evaluate_batch(
     attacks: Sequence[Attack],
     x_batch: np.ndarray,
     y_batch: np.ndarray,
-    generator: torch.Generator,
+    sample_ids: torch.Tensor,
+    seed: int,
     counts: _Counts,
 ) -> None:
-    """predict: images -> the backend's classes; target: images -> the mirror's logits."""
+    """predict: images -> the backend's classes; target: images -> the mirror's logits;
+    sample_ids: the samples' indices in the data set, which with `seed` fix the attacks'
+    random choices (a verdict does not depend on the batching)."""
     x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
     backend_clean = predict(x_batch)
     with torch.no_grad():
@@ -182,7 +185,9 @@ def _evaluate_batch(
     x_adv = x.clone()
     if len(correct) and attacks:
         chosen = torch.from_numpy(correct)
-        x_adv[chosen] = worst_case(target, x[chosen], y[chosen], attacks, generator).x_adv
+        x_adv[chosen] = worst_case(
+            target, x[chosen], y[chosen], attacks, sample_ids[chosen], seed
+        ).x_adv
     backend_adv = predict(x_adv.numpy())
     with torch.no_grad():
         mirror_adv = target(x_adv).argmax(1).numpy()

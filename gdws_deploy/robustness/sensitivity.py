@@ -159,11 +159,13 @@ def _attacked(
         check.dataset.check_model(
             mirror.input_shapes[0], lambda sample: target(torch.from_numpy(sample)).shape[1]
         )
-    generator = torch.Generator().manual_seed(check.seed)
     batches = []
-    for x_batch, y_batch in check.dataset.batches(check.batch_size):
+    for start, (x_batch, y_batch) in zip(
+        range(0, len(check.dataset), check.batch_size), check.dataset.batches(check.batch_size)
+    ):
         x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
-        batches.append(worst_case(target, x, y, check.attacks, generator).x_adv.detach())
+        ids = torch.arange(start, start + len(y))
+        batches.append(worst_case(target, x, y, check.attacks, ids, check.seed).x_adv.detach())
     return torch.cat(batches), torch.from_numpy(check.dataset.y)
 
 
