@@ -1,0 +1,107 @@
+"""--device and --providers: what a spec means here, and which onnxruntime providers run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.robustness.device import default_batch, resolve_device, verdict_providers
+from gdws_deploy.runtime.providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    choose_providers,
+    ort_providers,
+    parse_device,
+    parse_providers,
+    provider_names,
+)
+
+NO_GPU = not torch.cuda.is_available()
+GPU_ORT = [TENSORRT, CUDA, CPU]
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("auto", ("auto", None)),
+        ("cpu", ("cpu", None)),
+        ("cuda", ("cuda", None)),
+        ("cuda:1", ("cuda", 1)),
+        (" CUDA:0 ", ("cuda", 0)),
+    ],
+)
+def test_device_specs_parse(text, parsed):
+    assert parse_device(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:-1", "cpu:0", "auto:1", "cuda:x", ""])
+def test_bad_device_spec_is_one_line_naming_the_choices(text):
+    with pytest.raises(GdwsError, match=r"--device must be auto, cpu, cuda or cuda:N"):
+        parse_device(text)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is visible")
+def test_auto_means_the_cpu_where_torch_sees_no_gpu():
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is visible")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_a_gpu_is_one_line(spec):
+    with pytest.raises(GdwsError, match=rf"^--device {spec}: torch .* sees no CUDA GPU; use "):
+        resolve_device(spec)
+
+
+def test_default_batch_scales_only_on_a_gpu():
+    assert default_batch(torch.device("cpu"), 128) == 128
+    assert default_batch(torch.device("cuda", 0), 128) == 512
+
+
+def test_providers_short_names_map_to_onnxruntimes_in_order_without_repeats():
+    assert parse_providers("trt, cuda,cpu,CUDA") == [TENSORRT, CUDA, CPU]
+    assert parse_providers("CUDAExecutionProvider") == [CUDA]
+    assert parse_providers(None) is None and parse_providers(" ") is None
+    with pytest.raises(GdwsError, match="--providers: unknown provider 'rocm'"):
+        parse_providers("cuda,rocm")
+
+
+def test_cuda_device_takes_tensorrt_then_cuda_then_cpu_where_installed():
+    assert choose_providers("cuda", None, GPU_ORT) == [TENSORRT, CUDA, CPU]
+    assert choose_providers("cuda", None, [CUDA, CPU]) == [CUDA, CPU]
+    assert choose_providers("cuda", 1, GPU_ORT) == [
+        (TENSORRT, {"device_id": 1}),
+        (CUDA, {"device_id": 1}),
+        CPU,
+    ]
+
+
+def test_cpu_device_or_cpu_only_onnxruntime_runs_on_the_cpu():
+    assert choose_providers("cpu", None, GPU_ORT) == [CPU]
+    assert choose_providers("cuda", 0, ["AzureExecutionProvider", CPU]) == [CPU]
+
+
+def test_requested_providers_are_kept_and_each_must_be_installed():
+    assert choose_providers("cpu", None, GPU_ORT, [CUDA, CPU]) == [CUDA, CPU]
+    with pytest.raises(GdwsError, match=r"no CUDAExecutionProvider .* gdws-deploy\[gpu\]"):
+        choose_providers("cuda", 0, [CPU], [CUDA])
+
+
+def test_providers_here_follow_the_installed_onnxruntime():
+    import onnxruntime
+
+    assert provider_names(ort_providers("cpu")) == [CPU]
+    expected = [CUDA, CPU] if CUDA in onnxruntime.get_available_providers() else [CPU]
+    assert provider_names(ort_providers("auto"))[-len(expected) :] == expected
+    assert provider_names(verdict_providers(torch.device("cpu"))) == [CPU]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason="needs a CUDA GPU")
+def test_auto_means_the_first_gpu_where_torch_sees_one():
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    count = torch.cuda.device_count()
+    with pytest.raises(GdwsError, match=f"torch sees {count} GPU"):
+        resolve_device(f"cuda:{count}")
