@@ -17,9 +17,9 @@ import functools
 import importlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -29,7 +29,9 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import LoadedModel, load_model
 from gdws_deploy.robustness.attacks import Attack, with_normalization, worst_case
 from gdws_deploy.robustness.data import Dataset
+from gdws_deploy.robustness.device import resolve_device, verdict_providers
 from gdws_deploy.robustness.mirror import OnnxMirror
+from gdws_deploy.runtime.providers import Provider
 from gdws_deploy.runtime.runner import Runner
 from gdws_deploy.speed.backends import BACKENDS
 
@@ -43,10 +45,15 @@ Progress = Callable[[int, int], None]
 
 
 def open_backend(
-    name: str, model: Union[str, Path, bytes], engine: Optional[Union[str, Path]] = None
+    name: str,
+    model: Union[str, Path, bytes],
+    engine: Optional[Union[str, Path]] = None,
+    providers: Optional[Sequence[Provider]] = None,
+    threads: int = 0,
 ) -> Runner:
     """The (not yet activated) runner of backend `name` (speed.backends.BACKENDS) for this
-    model (a path or serialized bytes) or engine."""
+    model (a path or serialized bytes) or engine; onnxruntime's on `providers` (default:
+    the CPU) with `threads` intra-op threads (0: its default)."""
     if name not in BACKENDS:
         raise GdwsError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     entry = BACKENDS[name]
@@ -58,6 +65,8 @@ def open_backend(
         runner_class = getattr(importlib.import_module(module), attribute)
     except ImportError as error:
         raise GdwsError(f"backend {name} is not available here: {error}") from error
+    if entry.threaded:
+        return runner_class(source, providers=providers, threads=threads)
     return runner_class(source)
 
 
@@ -101,15 +110,139 @@ class EvalReport:
         return record
 
 
-@dataclass
-class _Counts:
-    clean: int = 0
-    robust: int = 0
-    mirror_clean: int = 0
-    mirror_robust: int = 0
-    disagree_clean: int = 0
-    disagree_adv: int = 0
-    seen: int = 0
+@dataclass(frozen=True)
+class Verdicts:
+    """Per sample, in data-set order (bool arrays): the backend right on the clean input
+    and on the adversarial one, the mirror likewise, and where mirror and backend disagree.
+    Shards of an evaluation concatenate; a report is their sums."""
+
+    clean: np.ndarray
+    robust: np.ndarray
+    mirror_clean: np.ndarray
+    mirror_robust: np.ndarray
+    disagree_clean: np.ndarray
+    disagree_adv: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Verdicts]) -> Verdicts:
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def to_json(self) -> Dict[str, str]:
+        """Each array as a string of 0s and 1s (what a checkpoint stores)."""
+        return {
+            f.name: (getattr(self, f.name).astype(np.uint8) + ord("0")).tobytes().decode()
+            for f in fields(self)
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, str]) -> Verdicts:
+        return cls(
+            *(np.frombuffer(record[f.name].encode(), np.uint8) == ord("1") for f in fields(cls))
+        )
+
+
+class Judge:
+    """A model opened for verdicts: its backend runner (the verdicts) and its torch mirror
+    on `device` (the attacks), normalized by mean/std where the model expects it. Used as
+    a context manager, it holds the runner active."""
+
+    def __init__(
+        self,
+        model: ModelSource,
+        backend: str = "ort",
+        engine: Optional[Union[str, Path]] = None,
+        *,
+        device: Union[str, torch.device] = "cpu",
+        providers: Optional[Sequence[str]] = None,
+        threads: int = 0,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        channels: int = 3,
+    ) -> None:
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        chosen = verdict_providers(self.device, providers) if backend == "ort" else None
+        self.runner, loaded, self.name = _opened(model, backend, engine, chosen, threads)
+        self.backend = backend
+        self.mirror = OnnxMirror(loaded.model)
+        self.target = with_normalization(self.mirror, mean, std, channels).to(self.device)
+        fixed = _fixed_batch(self.mirror.input_shapes[0])
+        self.predict = functools.partial(
+            _backend_predict, self.runner, mean=mean, std=std, fixed=fixed
+        )
+
+    def __enter__(self) -> Judge:
+        self.runner.activate()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.runner.deactivate()
+
+    def check(self, dataset: Dataset) -> None:
+        """GdwsError unless the model takes `dataset`'s images and labels."""
+        with torch.no_grad():
+            dataset.check_model(
+                self.mirror.input_shapes[0],
+                lambda x: self.target(torch.from_numpy(x).to(self.device)).shape[1],
+            )
+
+    def verdicts(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        sample_ids: np.ndarray,
+        attacks: Sequence[Attack],
+        batch_size: int,
+        seed: int,
+        progress: Optional[Progress] = None,
+    ) -> Verdicts:
+        """The verdicts on samples (x, y), whose indices in their data set are `sample_ids`
+        (with `seed` they fix every random choice of the attacks, whatever the batching),
+        attacked `batch_size` at a time."""
+        if batch_size < 1:
+            raise GdwsError(f"batch size must be >= 1, got {batch_size}")
+        parts = []
+        for start in range(0, len(y), batch_size):
+            window = slice(start, start + batch_size)
+            parts.append(self._batch(x[window], y[window], sample_ids[window], attacks, seed))
+            if progress is not None:
+                progress(min(start + batch_size, len(y)), len(y))
+        return Verdicts.concat(parts)
+
+    def _batch(
+        self,
+        x_batch: np.ndarray,
+        y_batch: np.ndarray,
+        sample_ids: np.ndarray,
+        attacks: Sequence[Attack],
+        seed: int,
+    ) -> Verdicts:
+        """Only the samples the backend gets right are attacked (on the mirror)."""
+        x = torch.from_numpy(x_batch).to(self.device)
+        y = torch.from_numpy(y_batch).to(self.device)
+        backend_clean = self.predict(x_batch)
+        with torch.no_grad():
+            mirror_clean = self.target(x).argmax(1).cpu().numpy()
+        correct = np.flatnonzero(backend_clean == y_batch)
+        x_adv = x.clone()
+        if len(correct) and attacks:
+            chosen = torch.from_numpy(correct).to(self.device)
+            ids = torch.from_numpy(np.asarray(sample_ids)[correct])
+            x_adv[chosen] = worst_case(self.target, x[chosen], y[chosen], attacks, ids, seed).x_adv
+        adversarial = x_adv.detach().cpu().numpy()
+        backend_adv = self.predict(adversarial)
+        with torch.no_grad():
+            mirror_adv = self.target(x_adv).argmax(1).cpu().numpy()
+        return Verdicts(
+            clean=backend_clean == y_batch,
+            robust=backend_adv == y_batch,
+            mirror_clean=mirror_clean == y_batch,
+            mirror_robust=mirror_adv == y_batch,
+            disagree_clean=mirror_clean != backend_clean,
+            disagree_adv=mirror_adv != backend_adv,
+        )
 
 
 def evaluate(
@@ -123,81 +256,76 @@ def evaluate(
     std: Optional[Sequence[float]] = None,
     seed: int = 0,
     progress: Optional[Progress] = None,
+    device: Union[str, torch.device] = "cpu",
+    providers: Optional[Sequence[str]] = None,
 ) -> EvalReport:
     """Clean and robust accuracy of `model` on `dataset` under the worst of `attacks`.
 
     model: a path, or a ModelProto / LoadedModel a caller already holds (used as it is).
+    device: where the mirror attacks (a --device spec or torch.device); onnxruntime's
+    verdicts run there too, on `providers` (runtime.providers.choose_providers).
     """
     start = time.perf_counter()
-    runner, loaded, name = _opened(model, backend, engine)
-    mirror = OnnxMirror(loaded.model)
-    target = with_normalization(mirror, mean, std, dataset.x.shape[1])
-    with torch.no_grad():
-        dataset.check_model(mirror.input_shapes[0], lambda x: target(torch.from_numpy(x)).shape[1])
-    fixed = _fixed_batch(mirror.input_shapes[0])
-    counts = _Counts()
-    predict = functools.partial(_backend_predict, runner, mean=mean, std=std, fixed=fixed)
-    with runner:
-        for x_batch, y_batch in dataset.batches(batch_size):
-            ids = torch.arange(counts.seen, counts.seen + len(y_batch))
-            _evaluate_batch(predict, target, attacks, x_batch, y_batch, ids, seed, counts)
-            if progress is not None:
-                progress(counts.seen, len(dataset))
-    n = counts.seen
+    judge = Judge(
+        model,
+        backend,
+        engine,
+        device=device,
+        providers=providers,
+        mean=mean,
+        std=std,
+        channels=dataset.x.shape[1],
+    )
+    judge.check(dataset)
+    with judge:
+        verdicts = judge.verdicts(
+            dataset.x, dataset.y, np.arange(len(dataset)), attacks, batch_size, seed, progress
+        )
+    return report_of(
+        judge.name,
+        backend,
+        dataset,
+        verdicts,
+        attacks,
+        mean,
+        std,
+        seed,
+        time.perf_counter() - start,
+    )
+
+
+def report_of(
+    name: str,
+    backend: str,
+    dataset: Dataset,
+    verdicts: Verdicts,
+    attacks: Sequence[Attack],
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    seed: int,
+    seconds: float,
+) -> EvalReport:
+    """The EvalReport of per-sample `verdicts` on `dataset`."""
+    n = len(verdicts)
+    robust = int(verdicts.robust.sum())
     return EvalReport(
         model=name,
         backend=backend,
         dataset=dataset.name,
         samples=n,
-        clean_acc=counts.clean / n,
-        robust_acc=counts.robust / n,
-        robust_ci95=wilson_interval(counts.robust, n),
-        mirror_clean_acc=counts.mirror_clean / n,
-        mirror_robust_acc=counts.mirror_robust / n,
-        disagreements_clean=counts.disagree_clean,
-        disagreements_adv=counts.disagree_adv,
+        clean_acc=int(verdicts.clean.sum()) / n,
+        robust_acc=robust / n,
+        robust_ci95=wilson_interval(robust, n),
+        mirror_clean_acc=int(verdicts.mirror_clean.sum()) / n,
+        mirror_robust_acc=int(verdicts.mirror_robust.sum()) / n,
+        disagreements_clean=int(verdicts.disagree_clean.sum()),
+        disagreements_adv=int(verdicts.disagree_adv.sum()),
         attacks=[attack.to_dict() for attack in attacks],
         mean=list(mean) if mean else None,
         std=list(std) if std else None,
         seed=seed,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
-
-
-def _evaluate_batch(
-    predict: Callable[[np.ndarray], np.ndarray],
-    target: Callable[[torch.Tensor], torch.Tensor],
-    attacks: Sequence[Attack],
-    x_batch: np.ndarray,
-    y_batch: np.ndarray,
-    sample_ids: torch.Tensor,
-    seed: int,
-    counts: _Counts,
-) -> None:
-    """predict: images -> the backend's classes; target: images -> the mirror's logits;
-    sample_ids: the samples' indices in the data set, which with `seed` fix the attacks'
-    random choices (a verdict does not depend on the batching)."""
-    x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
-    backend_clean = predict(x_batch)
-    with torch.no_grad():
-        mirror_clean = target(x).argmax(1).numpy()
-    correct = np.flatnonzero(backend_clean == y_batch)
-    x_adv = x.clone()
-    if len(correct) and attacks:
-        chosen = torch.from_numpy(correct)
-        x_adv[chosen] = worst_case(
-            target, x[chosen], y[chosen], attacks, sample_ids[chosen], seed
-        ).x_adv
-    backend_adv = predict(x_adv.numpy())
-    with torch.no_grad():
-        mirror_adv = target(x_adv).argmax(1).numpy()
-    counts.clean += int((backend_clean == y_batch).sum())
-    counts.robust += int((backend_adv == y_batch).sum())
-    counts.mirror_clean += int((mirror_clean == y_batch).sum())
-    counts.mirror_robust += int((mirror_adv == y_batch).sum())
-    counts.disagree_clean += int((mirror_clean != backend_clean).sum())
-    counts.disagree_adv += int((mirror_adv != backend_adv).sum())
-    counts.seen += len(y_batch)
 
 
 def _backend_predict(
@@ -227,15 +355,19 @@ def _fixed_batch(input_shape: Sequence) -> Optional[int]:
 
 
 def _opened(
-    model: ModelSource, backend: str, engine: Optional[Union[str, Path]]
+    model: ModelSource,
+    backend: str,
+    engine: Optional[Union[str, Path]],
+    providers: Optional[Sequence[Provider]] = None,
+    threads: int = 0,
 ) -> Tuple[Runner, LoadedModel, str]:
     """The backend's runner, the model and how the report names it. A path is checked
     against the backend first and read once; a model in memory is run from its file when it
     has one (external data stays outside the protobuf's 2 GB), else from its bytes."""
     if isinstance(model, (str, Path)):
-        runner = open_backend(backend, model, engine)
+        runner = open_backend(backend, model, engine, providers, threads)
         return runner, load_model(model), str(model)
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model)
     source = loaded.path if loaded.path is not None else loaded.model.SerializeToString()
     name = str(loaded.path) if loaded.path is not None else IN_MEMORY
-    return open_backend(backend, source, engine), loaded, name
+    return open_backend(backend, source, engine, providers, threads), loaded, name
