@@ -11,7 +11,6 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.robustness.attacks import (
     Normalized,
     SampleRandom,
-    _mix,
     apgd_checkpoints,
     make_attacks,
     margin,
@@ -23,6 +22,7 @@ from gdws_deploy.robustness.attacks import (
     steepest_direction,
     worst_case,
 )
+from gdws_deploy.robustness.attacks.seeding import _mix
 from gdws_deploy.robustness.data import load_dataset
 from tests.digits_fixtures import one_torch_thread, trained_digits_cnn  # noqa: F401
 
