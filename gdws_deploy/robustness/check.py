@@ -9,12 +9,16 @@ attacks on the torch mirror, verdicts from the backend).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.robustness.attacks import Attack
 from gdws_deploy.robustness.data import Dataset
+
+if TYPE_CHECKING:
+    from gdws_deploy.robustness.shards import Sharding
 
 # Backends a search or sweep can judge on: each probe is a new ONNX file, and only
 # onnxruntime runs one without an engine build per probe.
@@ -23,7 +27,9 @@ BACKENDS = ("ort",)
 
 @dataclass(frozen=True)
 class RobustnessCheck:
-    """Samples, attacks and the settings that make two measurements comparable."""
+    """Samples, attacks and the settings that make two measurements comparable; where
+    they run: `device` (the mirror's; onnxruntime's `providers` follow it) and
+    `sharding` (None: in this process)."""
 
     dataset: Dataset
     attacks: Tuple[Attack, ...]
@@ -32,6 +38,9 @@ class RobustnessCheck:
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
     seed: int = 0
+    device: str = "cpu"
+    providers: Optional[Tuple[str, ...]] = None
+    sharding: Optional[Sharding] = None
 
     def __post_init__(self) -> None:
         if not self.attacks:
@@ -45,8 +54,12 @@ class RobustnessCheck:
     def evaluate(self, model: Union[str, Path], progress=None):
         """The model's EvalReport (clean and robust accuracy) under this check."""
         from gdws_deploy.robustness.evaluate import evaluate
+        from gdws_deploy.robustness.shards import evaluate_sharded
 
-        return evaluate(
+        run = (
+            evaluate if self.sharding is None else partial(evaluate_sharded, sharding=self.sharding)
+        )
+        return run(
             model,
             self.dataset,
             self.attacks,
@@ -56,6 +69,8 @@ class RobustnessCheck:
             std=self.std,
             seed=self.seed,
             progress=progress,
+            device=self.device,
+            providers=self.providers,
         )
 
     def describe(self) -> Dict:
