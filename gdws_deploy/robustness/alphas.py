@@ -36,6 +36,7 @@ from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.robustness.attacks import Attack, pgd, with_normalization
 from gdws_deploy.robustness.data import Dataset
+from gdws_deploy.robustness.device import resolve_device
 from gdws_deploy.robustness.mirror import Conv, OnnxMirror
 
 SETTINGS_KEY = "__settings__"
@@ -199,25 +200,28 @@ def compute_alphas(
     std: Optional[Sequence[float]] = None,
     seed: int = 0,
     progress: Optional[Progress] = None,
+    device: Union[str, torch.device] = "cpu",
 ) -> AlphaRun:
     """Alphas of the eligible Convs of an ONNX model (a file: all of them; an analyzed
     model: those of its selection), on `dataset` perturbed by `attack` (PGD from the true
-    labels; None: clean inputs)."""
+    labels; None: clean inputs), computed on `device` (a --device spec or torch.device)."""
     path = str(model) if isinstance(model, (str, Path)) else None
     analyzed = model if path is None else analyze(onnx_graph.load_model(path), all_layers=True)
     convs = eligible_convs(analyzed)
     if not convs:
         raise GdwsError(f"{path or 'the model'} has no Conv that GDWS can rewrite")
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     mirror = OnnxMirror(analyzed.model)
-    model = with_normalization(mirror, mean, std, dataset.x.shape[1])
+    model = with_normalization(mirror, mean, std, dataset.x.shape[1]).to(device)
     with torch.no_grad():
         dataset.check_model(
-            mirror.input_shapes[0], lambda sample: model(torch.from_numpy(sample)).shape[1]
+            mirror.input_shapes[0],
+            lambda sample: model(torch.from_numpy(sample).to(device)).shape[1],
         )
     sums = AlphaSums()
     done = 0
     for x_batch, y_batch in dataset.batches(batch_size):
-        x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
+        x, y = torch.from_numpy(x_batch).to(device), torch.from_numpy(y_batch).to(device)
         if attack is not None:
             x, _ = pgd(
                 model,

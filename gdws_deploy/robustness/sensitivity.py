@@ -34,6 +34,7 @@ from gdws_deploy.passes.gdws.decompose import (
 )
 from gdws_deploy.robustness.attacks import with_normalization, worst_case
 from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.device import resolve_device
 from gdws_deploy.robustness.mirror import OnnxMirror
 
 if TYPE_CHECKING:  # the pipeline's options pass through; robustness does not build them
@@ -70,9 +71,11 @@ def measure_loss_curves(
     if not layers:
         raise GdwsError("the model has no Conv that GDWS can rewrite")
     spectra = spectra if spectra is not None else SpectraCache()
+    device = resolve_device(check.device)
     mirror = OnnxMirror(analyzed.model).eval()
     target = with_normalization(mirror, check.mean, check.std, check.dataset.x.shape[1])
-    x, y = _attacked(target, mirror, check)
+    target = target.to(device)
+    x, y = _attacked(target, mirror, check, device)
     baseline = _loss(target, x, y, check.batch_size)
     curves = {}
     for done, layer in enumerate(layers, start=1):
@@ -134,6 +137,7 @@ def calibrate(
             mean=check.mean,
             std=check.std,
             seed=check.seed,
+            device=check.device,
         ).alphas
     return replace(options, **changes)
 
@@ -152,21 +156,26 @@ def _analyzed(
 
 
 def _attacked(
-    target: Callable[[torch.Tensor], torch.Tensor], mirror: OnnxMirror, check: RobustnessCheck
+    target: Callable[[torch.Tensor], torch.Tensor],
+    mirror: OnnxMirror,
+    check: RobustnessCheck,
+    device: torch.device,
 ):
-    """The check's samples after its attacks on the original, and their labels."""
+    """The check's samples after its attacks on the original, and their labels, on
+    `device`."""
     with torch.no_grad():
         check.dataset.check_model(
-            mirror.input_shapes[0], lambda sample: target(torch.from_numpy(sample)).shape[1]
+            mirror.input_shapes[0],
+            lambda sample: target(torch.from_numpy(sample).to(device)).shape[1],
         )
     batches = []
     for start, (x_batch, y_batch) in zip(
         range(0, len(check.dataset), check.batch_size), check.dataset.batches(check.batch_size)
     ):
-        x, y = torch.from_numpy(x_batch), torch.from_numpy(y_batch)
+        x, y = torch.from_numpy(x_batch).to(device), torch.from_numpy(y_batch).to(device)
         ids = torch.arange(start, start + len(y))
         batches.append(worst_case(target, x, y, check.attacks, ids, check.seed).x_adv.detach())
-    return torch.cat(batches), torch.from_numpy(check.dataset.y)
+    return torch.cat(batches), torch.from_numpy(check.dataset.y).to(device)
 
 
 def _loss(
