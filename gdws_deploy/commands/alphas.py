@@ -11,10 +11,12 @@ from rich.console import Console
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.commands.args.attack import PerturbationArgs
 from gdws_deploy.commands.args.data import DataArgs
+from gdws_deploy.commands.args.device import DeviceArgs
 from gdws_deploy.commands.render.progress import BatchProgress
 
 DATA = DataArgs(batch_size=32)  # memory grows with batch x classes x activations
 PERTURBATION = PerturbationArgs()
+DEVICE = DeviceArgs()
 
 
 @click.command("alphas", short_help="Weight error vectors (alphas) for convert --alphas.")
@@ -24,6 +26,7 @@ PERTURBATION = PerturbationArgs()
 )
 @DATA
 @PERTURBATION
+@DEVICE
 def alphas_command(model: Path, output: Path, **flags: Any) -> None:
     """Compute eq. (8) alphas of MODEL's eligible Convs for `convert --alphas`."""
     from gdws_deploy.robustness.alphas import compute_alphas, save_alphas

@@ -15,6 +15,8 @@ from gdws_deploy.commands.args.calibration import CalibrationArgs
 from gdws_deploy.commands.args.check import CheckArgs
 from gdws_deploy.commands.args.convert import ConvertArgs
 from gdws_deploy.commands.args.data import DataArgs
+from gdws_deploy.commands.args.device import DeviceArgs
+from gdws_deploy.commands.args.workers import WorkersArgs
 from gdws_deploy.commands.render.console import stdout_console
 from gdws_deploy.commands.render.convert import layer_table, totals, warnings
 from gdws_deploy.commands.render.progress import LayerProgress
@@ -23,6 +25,7 @@ from gdws_deploy.errors import GdwsError
 
 DATA, ATTACKS, CONVERT = DataArgs(batch_size=128, required=False), AttackArgs(), ConvertArgs()
 CALIBRATION = CalibrationArgs(CheckArgs(DATA, ATTACKS))
+DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
 
 
 @click.command("convert")
@@ -46,6 +49,8 @@ CALIBRATION = CalibrationArgs(CheckArgs(DATA, ATTACKS))
 @CALIBRATION
 @DATA
 @ATTACKS
+@DEVICE
+@WORKERS
 def convert_command(
     model: Path, output: Optional[Path], report_path: Optional[Path], **flags: Any
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -12,11 +13,15 @@ from rich.console import Console
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.commands.args.attack import AttackArgs
 from gdws_deploy.commands.args.data import DataArgs
+from gdws_deploy.commands.args.device import DeviceArgs
+from gdws_deploy.commands.args.workers import WorkersArgs
 from gdws_deploy.commands.render.eval import report_table
 from gdws_deploy.commands.render.progress import BatchProgress
 
 DATA = DataArgs(batch_size=128)
 ATTACKS = AttackArgs()
+DEVICE = DeviceArgs(providers=True)
+WORKERS = WorkersArgs(resume=True)
 
 
 @click.command("eval")
@@ -30,25 +35,35 @@ ATTACKS = AttackArgs()
 )
 @click.option("--engine", type=click.Path(path_type=Path), help="TensorRT engine (.plan).")
 @ATTACKS
+@DEVICE
+@WORKERS
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report.")
 def eval_command(
     model: Path, backend: str, engine: Optional[Path], json_path: Optional[Path], **flags: Any
 ) -> None:
     """Attack MODEL (ONNX) through its torch mirror and judge it on the deployed backend."""
     from gdws_deploy.robustness.evaluate import evaluate
+    from gdws_deploy.robustness.shards import evaluate_sharded
 
     attacks = ATTACKS.build(flags)
-    if json_path is not None:
-        check_output_path(json_path, model, *([engine] if engine else []))
+    inputs = [model, *([engine] if engine else [])]
+    sharding = WORKERS.build(flags)
+    for output in (json_path, sharding and sharding.resume):
+        if output:
+            check_output_path(output, *inputs)
     data = DATA.build(flags)
     with BatchProgress("attacking") as progress:
-        report = evaluate(
+        if sharding is None:
+            run = functools.partial(evaluate, engine=engine)
+        else:
+            run = functools.partial(evaluate_sharded, sharding=sharding)
+        report = run(
             model,
             data,
             attacks,
             backend=backend,
-            engine=engine,
             progress=progress,
+            providers=DEVICE.providers(flags),
             **DATA.sampling(flags),
         )
     Console().print(report_table(report))

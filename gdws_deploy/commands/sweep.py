@@ -13,8 +13,10 @@ from gdws_deploy.commands.args.attack import AttackArgs
 from gdws_deploy.commands.args.base import NUMBERS
 from gdws_deploy.commands.args.check import CheckArgs
 from gdws_deploy.commands.args.data import DataArgs
+from gdws_deploy.commands.args.device import DeviceArgs
 from gdws_deploy.commands.args.timing import TimingArgs
 from gdws_deploy.commands.args.tune import TuneArgs
+from gdws_deploy.commands.args.workers import WorkersArgs
 from gdws_deploy.commands.render.console import stdout_console
 from gdws_deploy.commands.render.sweep import search_table, sweep_summary, sweep_table
 
@@ -25,6 +27,7 @@ DATA, ATTACKS, ALLOCATION, TIMING = (
     TimingArgs(),
 )
 CHECK = CheckArgs(DATA, ATTACKS)
+DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
 TUNE = TuneArgs(
     lowering_help="How GDWS layers are written (see convert --help).",
     tune_help="Time each layer's forms on this backend at --bench-batch and keep the fastest, "
@@ -43,6 +46,8 @@ TUNE = TuneArgs(
     help="Data that calibrates the conversion and judges --max-robust-drop [default: --dataset].",
 )
 @ATTACKS
+@DEVICE
+@WORKERS
 @click.option(
     "--mac-reductions", type=NUMBERS, metavar="R[,R...]", help="MAC targets [default: 1.5,2,3,4]."
 )

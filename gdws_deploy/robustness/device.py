@@ -15,15 +15,12 @@ import torch
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.providers import (
+    GPU_BATCH_SCALE,
     Provider,
     choose_providers,
     installed_onnxruntime,
     parse_device,
 )
-
-# Default batches on a GPU, as multiples of the CPU's: attacks there are throughput-bound
-# and PreActResNet-18's PGD at 4x eval's 128 (512 CIFAR images) fits in well under 8 GB.
-GPU_BATCH_SCALE = 4
 
 
 def resolve_device(spec: str = "auto", flag: str = "--device") -> torch.device:

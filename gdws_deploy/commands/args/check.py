@@ -1,5 +1,6 @@
-"""The data and attack flags together -> RobustnessCheck, the measurement a search or a
-sweep repeats on every converted model."""
+"""The data and attack flags together (with --device, --providers, --workers and
+--ray-address where the verb declares them) -> RobustnessCheck, the measurement a search
+or a sweep repeats on every converted model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from gdws_deploy.commands.args.attack import AttackArgs
 from gdws_deploy.commands.args.base import Flags
 from gdws_deploy.commands.args.data import DataArgs
+from gdws_deploy.commands.args.device import DeviceArgs
+from gdws_deploy.commands.args.workers import WorkersArgs
 
 if TYPE_CHECKING:
     from gdws_deploy.robustness.attacks import Attack
@@ -33,9 +36,12 @@ class CheckArgs:
         from gdws_deploy.robustness.check import RobustnessCheck
 
         attacks = self.attacks.build(flags) if attacks is None else attacks
+        providers = DeviceArgs.providers(flags)
         return RobustnessCheck(
             self.data.build(flags, spec),
             tuple(attacks),
             backend=backend,
+            providers=tuple(providers) if providers else None,
+            sharding=WorkersArgs.build(flags) if "workers" in flags else None,
             **self.data.sampling(flags),
         )

@@ -12,6 +12,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 # Below this many eligible layers the factoring is too quick for a progress bar.
@@ -19,7 +20,8 @@ PROGRESS_MIN_LAYERS = 8
 
 
 class BatchProgress:
-    """A transient progress bar over samples, on stderr terminals only."""
+    """A transient progress bar over samples, on stderr terminals only: samples done (by
+    every worker of a sharded run) and the time left at the rate so far."""
 
     def __init__(self, label: str) -> None:
         self.console = Console(stderr=True)
@@ -42,6 +44,7 @@ class BatchProgress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
+                TimeRemainingColumn(),
             )
             self.bar = Progress(*columns, console=self.console, transient=True)
             self.bar.add_task("", total=total)
