@@ -30,7 +30,7 @@ DEVICE_SIDE := gdws_deploy/runtime jetson gdws_deploy/__init__.py gdws_deploy/at
 	gdws_deploy/robustness/data.py gdws_deploy/robustness/photo_patches.py gdws_deploy/commands/__init__.py \
 	gdws_deploy/commands/build.py gdws_deploy/commands/bench.py gdws_deploy/commands/trtexec.py \
 	gdws_deploy/commands/args/__init__.py gdws_deploy/commands/args/base.py \
-	gdws_deploy/commands/args/shapes.py
+	gdws_deploy/commands/args/shapes.py gdws_deploy/commands/args/device.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

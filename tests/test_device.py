@@ -105,3 +105,26 @@ def test_auto_means_the_first_gpu_where_torch_sees_one():
     count = torch.cuda.device_count()
     with pytest.raises(GdwsError, match=f"torch sees {count} GPU"):
         resolve_device(f"cuda:{count}")
+
+
+def test_tune_backend_names_its_providers_and_keeps_the_cpu_cache_key():
+    import onnxruntime
+
+    from gdws_deploy.speed.backends import OrtBackend, backend_named
+
+    assert OrtBackend(2).name == f"onnxruntime-{onnxruntime.__version__}-cpu-threads2"
+    gpu = backend_named("ort", 0, [(CUDA, {"device_id": 0}), CPU])
+    assert gpu.name.endswith("-CUDA+CPU-threads0")
+
+
+def test_bench_on_a_provider_this_onnxruntime_lacks_is_one_line(tmp_path, capsys):
+    import onnxruntime
+
+    from tests.cli_run import assert_one_line_error, run_cli
+    from tests.runtime_models import small_cnn
+
+    if CUDA in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    model = small_cnn(tmp_path / "small.onnx")
+    result = run_cli(capsys, "bench", model, "--providers", "cuda", "--duration", "0")
+    assert_one_line_error(result, "this onnxruntime has no CUDAExecutionProvider")

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.commands.args.base import COUNT, INDEX, SECONDS, Parsed
+from gdws_deploy.commands.args.device import DeviceArgs
 from gdws_deploy.commands.args.shapes import ShapeArgs
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.runtime.benchmark import (
@@ -33,6 +34,11 @@ from gdws_deploy.runtime.shapes import Shape
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 PERCENTILES = Parsed(lambda text, flag: parse_percentiles(text), "P1,P2,...")
 SHAPES = ShapeArgs()
+DEVICE = DeviceArgs(
+    providers=True,
+    device_help="Where onnxruntime runs: auto (CUDA where onnxruntime-gpu is installed), cpu, "
+    "cuda or cuda:N.",
+)
 
 
 @click.command("bench")
@@ -63,6 +69,7 @@ SHAPES = ShapeArgs()
     metavar="N",
     help="onnxruntime intra-op threads [default: 0, onnxruntime's choice].",
 )
+@DEVICE
 @click.option("--verbose", is_flag=True, help="Print trtexec's trace details too.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the summary.")
 def bench_command(
@@ -102,7 +109,7 @@ def bench_command(
     models = [model] if compare is None else [model, compare]
     with contextlib.ExitStack() as stack:
         runners = [
-            stack.enter_context(_open_runner(m, backend, fp16, threads, shapes, batch))
+            stack.enter_context(_open_runner(m, backend, fp16, threads, shapes, batch, flags))
             for m in models
         ]
         if compare is None:
@@ -160,8 +167,10 @@ def _open_runner(
     threads: int,
     shapes: Dict[str, Shape],
     batch: Optional[int],
+    flags: Dict[str, Any],
 ) -> Iterator[Runner]:
-    """An active runner for `model`; an ONNX model on the TensorRT backend is built first."""
+    """An active runner for `model` (onnxruntime's on the providers of --device and
+    --providers); an ONNX model on the TensorRT backend is built first."""
     if not model.is_file():
         raise GdwsError(f"cannot read {model}: no such file")
     kind = _backend_for(model, backend)
@@ -173,9 +182,11 @@ def _open_runner(
             raise GdwsError("--fp16 applies to the TensorRT backend (--backend trt)")
         if importlib.util.find_spec("onnxruntime") is None:
             raise GdwsError("onnxruntime is not installed here; use --backend trt")
+        from gdws_deploy.runtime.providers import ort_providers
         from gdws_deploy.runtime.runner import OrtRunner
 
-        with OrtRunner(model, threads=threads) as runner:
+        providers = ort_providers(flags["device"], DEVICE.providers(flags))
+        with OrtRunner(model, providers=providers, threads=threads) as runner:
             yield runner
         return
     from gdws_deploy.runtime.trt_runner import TrtRunner

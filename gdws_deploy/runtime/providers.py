@@ -20,7 +20,6 @@ from gdws_deploy.errors import GdwsError
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # --providers accepts these short names as well as onnxruntime's own.
 PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "trt": TENSORRT, "tensorrt": TENSORRT}
-DEVICE_HELP = "auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."
 INSTALL_HINT = (
     "pip install gdws-deploy[cpu], or gdws-deploy[gpu] on a CUDA machine (never both: "
     "onnxruntime and onnxruntime-gpu must not share an environment)"

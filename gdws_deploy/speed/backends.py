@@ -29,6 +29,7 @@ from gdws_deploy.runtime.benchmark import (
     random_input,
     target_for,
 )
+from gdws_deploy.runtime.providers import CPU, Provider, provider_names
 from gdws_deploy.runtime.runner import OrtRunner, Runner
 
 Shape = Tuple[int, ...]
@@ -84,22 +85,28 @@ class Backend(abc.ABC):
 
 
 class OrtBackend(Backend):
-    """onnxruntime on this CPU with `threads` intra-op threads (0: onnxruntime's default)."""
+    """onnxruntime with `threads` intra-op threads (0: onnxruntime's default) on
+    `providers` (runtime.providers; default: the CPU)."""
 
-    def __init__(self, threads: int = 0) -> None:
+    def __init__(self, threads: int = 0, providers: Optional[Sequence[Provider]] = None) -> None:
         if int(threads) != threads or threads < 0:
             raise GdwsError(f"onnxruntime threads must be a whole number >= 0, got {threads}")
         self.threads = int(threads)
+        self.providers = list(providers) if providers else [CPU]
 
     @property
     def name(self) -> str:
         import onnxruntime as ort
 
-        return f"onnxruntime-{ort.__version__}-cpu-threads{self.threads}"
+        names = provider_names(self.providers)
+        where = (
+            "cpu" if names == [CPU] else "+".join(n.replace("ExecutionProvider", "") for n in names)
+        )
+        return f"onnxruntime-{ort.__version__}-{where}-threads{self.threads}"
 
     @contextlib.contextmanager
     def runner(self, model: bytes, input_shape: Shape) -> Iterator[Runner]:
-        with OrtRunner(model, threads=self.threads) as runner:
+        with OrtRunner(model, providers=self.providers, threads=self.threads) as runner:
             yield runner
 
     def node_seconds(
@@ -117,7 +124,12 @@ class OrtBackend(Backend):
             pairs = [
                 [
                     stack.enter_context(
-                        OrtRunner(model, threads=self.threads, profile_prefix=prefix)
+                        OrtRunner(
+                            model,
+                            providers=self.providers,
+                            threads=self.threads,
+                            profile_prefix=prefix,
+                        )
                     )
                     for prefix in (str(folder / f"profile{index}"), None)
                 ]
@@ -240,12 +252,13 @@ class BackendEntry:
     """What one backend name means: a timing Backend (speed/, from --tune) and a verdict
     Runner (robustness/evaluate.py, from --backend), so both speak of the same runtimes.
 
-    timing(threads): the Backend (threads: onnxruntime's, None for its default);
+    timing(threads, providers): the Backend (onnxruntime's threads, None for its default,
+    and execution providers, None for the CPU);
     runner: "module:Class" of the Runner, imported only when chosen (TensorRT need not be
     installed); loads: the file that runner takes, the ONNX "model" or a built "engine".
     """
 
-    timing: Callable[[Optional[int]], Backend]
+    timing: Callable[[Optional[int], Optional[Sequence[Provider]]], Backend]
     runner: str
     loads: str
     threaded: bool = False
@@ -253,29 +266,36 @@ class BackendEntry:
 
 BACKENDS: Dict[str, BackendEntry] = {
     "ort": BackendEntry(
-        lambda threads: OrtBackend(threads or 0),
+        lambda threads, providers: OrtBackend(threads or 0, providers),
         "gdws_deploy.runtime.runner:OrtRunner",
         "model",
         threaded=True,
     ),
     "trt": BackendEntry(
-        lambda threads: TrtBackend(), "gdws_deploy.runtime.trt_runner:TrtRunner", "engine"
+        lambda threads, providers: TrtBackend(),
+        "gdws_deploy.runtime.trt_runner:TrtRunner",
+        "engine",
     ),
 }
 
 
-def backend_named(name: Optional[str], threads: Optional[int] = None) -> Optional[Backend]:
-    """The timing backend `--tune NAME` means (None for none); threads only for onnxruntime."""
+def backend_named(
+    name: Optional[str],
+    threads: Optional[int] = None,
+    providers: Optional[Sequence[Provider]] = None,
+) -> Optional[Backend]:
+    """The timing backend `--tune NAME` means (None for none); threads and providers
+    (runtime.providers.ort_providers) only for onnxruntime."""
     if name is None:
         if threads is not None:
             raise GdwsError("--tune-threads needs --tune ort")
         return None
     entry = BACKENDS.get(name)
     if entry is not None and entry.threaded:
-        return entry.timing(threads)
+        return entry.timing(threads, providers)
     threaded = " or ".join(key for key, known in BACKENDS.items() if known.threaded)
     if threads is not None:
         raise GdwsError(f"--tune-threads applies to --tune {threaded}, not --tune {name}")
     if entry is None:
         raise GdwsError(f"tune backend must be {' or '.join(BACKENDS)}, got {name!r}")
-    return entry.timing(threads)
+    return entry.timing(threads, None)

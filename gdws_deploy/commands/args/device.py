@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, List, Optional
 import click
 
 from gdws_deploy.commands.args.base import ArgGroup, Flags, Parsed
-from gdws_deploy.runtime.providers import DEVICE_HELP, parse_device, parse_providers
+from gdws_deploy.runtime.providers import parse_device, parse_providers
 
 if TYPE_CHECKING:
     import torch
@@ -29,19 +29,24 @@ class DeviceArgs(ArgGroup):
     """Builds the torch.device; `providers` reads --providers (verbs with onnxruntime
     verdicts declare it: `providers=True`)."""
 
-    def __init__(self, providers: bool = False) -> None:
+    def __init__(
+        self,
+        providers: bool = False,
+        device_help: str = "Where attacks, alphas and loss curves run, and --tune ort: auto "
+        "(CUDA when torch sees a GPU), cpu, cuda or cuda:N.",
+    ) -> None:
         device = click.option(
             "--device",
             default="auto",
             show_default=True,
             type=DEVICE,
             metavar="auto|cpu|cuda[:N]",
-            help=f"Where attacks, alphas and loss curves run: {DEVICE_HELP}",
+            help=device_help,
         )
         listed = click.option(
             "--providers",
             type=PROVIDERS,
-            help="onnxruntime execution providers of the verdicts, in order: trt, cuda, cpu "
+            help="onnxruntime execution providers, in order: trt, cuda, cpu "
             "or onnxruntime's names [default: TensorRT's and CUDA's (those this onnxruntime "
             "has) on a CUDA --device, then the CPU].",
         )

@@ -76,20 +76,25 @@ class TuneArgs(ArgGroup):
         self, options: ConvertOptions, flags: Flags, threads: Optional[int] = None
     ) -> ConvertOptions:
         """`options` with these flags; `threads`: onnxruntime's for --tune ort where
-        --tune-threads is not declared."""
+        --tune-threads is not declared. --tune ort runs on the providers of the verb's
+        --device and --providers (a DeviceArgs; the CPU without one)."""
         from gdws_deploy.options import ConvertOptions
+        from gdws_deploy.runtime.providers import ort_providers
         from gdws_deploy.speed.backends import backend_named
 
         tune = flags["tune"]
+        providers = None
+        if tune == "ort":
+            providers = ort_providers(flags.get("device", "cpu"), flags.get("providers"))
         if not self.timing:
             threads = threads if tune == "ort" else None
             return ConvertOptions.of(
-                options, lowering=flags["lowering"], tune=backend_named(tune, threads)
+                options, lowering=flags["lowering"], tune=backend_named(tune, threads, providers)
             )
         return ConvertOptions.of(
             options,
             lowering=flags["lowering"],
-            tune=backend_named(tune, flags["tune_threads"]),
+            tune=backend_named(tune, flags["tune_threads"], providers),
             tune_batch=flags["tune_batch"],
             tune_cache=flags["tune_cache"],
         )
