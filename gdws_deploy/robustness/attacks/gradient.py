@@ -16,8 +16,17 @@ from gdws_deploy.robustness.attacks.geometry import (
     random_start,
     steepest_direction,
 )
-from gdws_deploy.robustness.attacks.losses import BestSoFar, Model, evaluate_loss
-from gdws_deploy.robustness.attacks.seeding import stream
+from gdws_deploy.robustness.attacks.losses import (
+    LOSSES,
+    BestSoFar,
+    Model,
+    Objective,
+    evaluate_loss,
+    num_classes,
+    over_targets,
+    targeted_dlr_loss,
+)
+from gdws_deploy.robustness.attacks.seeding import SampleRandom, stream
 
 APGD_MOMENTUM = 0.75
 APGD_RHO = 0.75
@@ -46,7 +55,7 @@ def pgd(
     delta = random_start(x, norm, eps, rng) if random_init else torch.zeros_like(x)
     best = BestSoFar(x)
     for step in range(steps + 1):
-        _, margins, grad = evaluate_loss(model, x + delta, y, loss, with_grad=step < steps)
+        _, margins, grad = evaluate_loss(model, x + delta, y, LOSSES[loss], with_grad=step < steps)
         best.offer(x + delta, margins)
         if grad is not None:
             delta = project(
@@ -79,19 +88,63 @@ def apgd(
     seed: int = 0,
     restart: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Auto-PGD (Croce & Hein 2020, Algorithm 1): momentum 0.75, step 2*eps halved at the
-    checkpoints where fewer than 75% of the steps since the last one raised the loss, or
-    where neither the step nor the best loss changed; a halving restarts from the best point.
-    """
+    """Auto-PGD (Croce & Hein 2020, Algorithm 1) on the cross-entropy or DLR loss."""
+    _check_apgd(model, x, norm, 3 if loss == "dlr" else 0)
+    rng = stream(f"apgd-{norm}-{loss}", x, sample_ids, seed, restart)
+    return _apgd(model, x, y, norm, eps, steps, LOSSES[loss], rng)
+
+
+def apgd_targeted(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str = "linf",
+    eps: float = 8 / 255,
+    steps: int = 100,
+    targets: int = 9,
+    sample_ids: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    restart: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the
+    `targets` classes ranked highest after the first, on the samples not yet broken."""
+    _check_apgd(model, x, norm, 4)
+
+    def run(index, target, ids, rank):
+        rng = stream(f"apgd-t-{norm}", x[index], ids, seed, restart).fork(rank)
+
+        def objective(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return targeted_dlr_loss(logits, labels, target)
+
+        return _apgd(model, x[index], y[index], norm, eps, steps, objective, rng)
+
+    return over_targets(model, x, y, targets, sample_ids, run, min_classes=4)
+
+
+def _check_apgd(model: Model, x: torch.Tensor, norm: str, min_classes: int) -> None:
     if norm not in ("linf", "l2"):
         raise GdwsError(f"APGD supports l_inf and l_2 budgets, not {norm}")
-    if loss == "dlr" and x.shape[0] and _num_classes(model, x[:1]) < 3:
-        raise GdwsError("the DLR loss needs at least 3 classes")
+    if min_classes and x.shape[0] and num_classes(model, x[:1]) < min_classes:
+        raise GdwsError(f"the loss needs at least {min_classes} classes")
+
+
+def _apgd(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str,
+    eps: float,
+    steps: int,
+    objective: Objective,
+    rng: SampleRandom,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """APGD's iteration: momentum 0.75, step 2*eps halved at the checkpoints where fewer
+    than 75% of the steps since the last one raised the objective, or where neither the
+    step nor the best objective changed; a halving restarts from the best point."""
     checkpoints = apgd_checkpoints(steps)
     step = torch.full((len(x),), 2.0 * eps, device=x.device)
-    rng = stream(f"apgd-{norm}-{loss}", x, sample_ids, seed, restart)
     x_cur = x + random_start(x, norm, eps, rng)
-    f_cur, margins, grad = evaluate_loss(model, x_cur, y, loss)
+    f_cur, margins, grad = evaluate_loss(model, x_cur, y, objective)
     best = BestSoFar(x)
     best.offer(x_cur, margins)
     f_max, x_max, grad_max = f_cur.clone(), x_cur.clone(), grad.clone()
@@ -105,7 +158,7 @@ def apgd(
         weight = 1.0 if k == 0 else APGD_MOMENTUM
         moved = x_cur + weight * (z - x_cur) + (1 - weight) * (x_cur - x_prev)
         x_prev, x_cur = x_cur, x + project(moved - x, x, norm, eps)
-        f_new, margins, grad = evaluate_loss(model, x_cur, y, loss, with_grad=k < steps - 1)
+        f_new, margins, grad = evaluate_loss(model, x_cur, y, objective, with_grad=k < steps - 1)
         best.offer(x_cur, margins)
         increases += (f_new > f_cur).float()
         f_cur = f_new
@@ -121,17 +174,12 @@ def apgd(
             stalled = (step_at_checkpoint == step) & (f_max_at_checkpoint == f_max)
             halve = too_few | stalled
             step = torch.where(halve, step / 2, step)
-            restart = per_sample(halve, x)
-            x_cur = torch.where(restart, x_max, x_cur)
-            x_prev = torch.where(restart, x_max, x_prev)
-            grad = torch.where(restart, grad_max, grad)
+            back = per_sample(halve, x)
+            x_cur = torch.where(back, x_max, x_cur)
+            x_prev = torch.where(back, x_max, x_prev)
+            grad = torch.where(back, grad_max, grad)
             f_cur = torch.where(halve, f_max, f_cur)
             increases.zero_()
             step_at_checkpoint, f_max_at_checkpoint = step.clone(), f_max.clone()
             previous_checkpoint = k + 1
     return best.x, best.margin
-
-
-def _num_classes(model: Model, sample: torch.Tensor) -> int:
-    with torch.no_grad():
-        return int(model(sample).shape[1])

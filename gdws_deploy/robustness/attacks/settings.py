@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,7 +23,17 @@ ATTACKS = {
     "apgd-dlr": ("apgd", "linf", "dlr"),
     "apgd-ce-l2": ("apgd", "l2", "ce"),
     "apgd-dlr-l2": ("apgd", "l2", "dlr"),
+    "apgd-t": ("apgd-t", "linf", "dlr-targeted"),
+    "fab-t": ("fab-t", "linf", "boundary"),
+    "square": ("square", "linf", "margin"),
 }
+# AutoAttack's standard composition (Croce & Hein 2020), run in this order on the samples
+# each leaves robust, with its standard 100 iterations unless --steps says otherwise
+AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
+AUTOATTACK_STEPS = 100
+DEFAULT_STEPS = 10
+DEFAULT_TARGETS = 9
+DEFAULT_QUERIES = 5000
 
 
 def parse_fraction(text: Union[str, float], what: str = "value") -> float:
@@ -59,7 +69,9 @@ def parse_per_norm(text: Optional[str], what: str) -> Dict[str, float]:
 
 @dataclass(frozen=True)
 class Attack:
-    """One configured attack; `step_size` only matters for PGD (APGD sets its own)."""
+    """One configured attack; `step_size` only matters for PGD (APGD sets its own),
+    `targets` for APGD-T and FAB-T (target classes), `queries` for Square (its budget of
+    model queries per sample, which replaces `steps`)."""
 
     name: str
     method: str
@@ -69,6 +81,8 @@ class Attack:
     steps: int
     step_size: float
     restarts: int = 1
+    targets: int = DEFAULT_TARGETS
+    queries: int = DEFAULT_QUERIES
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -77,32 +91,62 @@ class Attack:
 def make_attacks(
     names: Union[str, Sequence[str]],
     eps: Optional[Mapping[str, float]] = None,
-    steps: int = 10,
+    steps: Optional[int] = None,
     step_size: Optional[Mapping[str, float]] = None,
     restarts: int = 1,
+    targets: int = DEFAULT_TARGETS,
+    queries: int = DEFAULT_QUERIES,
 ) -> List[Attack]:
-    """Attacks by name ('pgd-linf,apgd-ce'); eps/step_size per norm ('*' for all).
+    """Attacks by name ('pgd-linf,apgd-ce', 'autoattack'); eps/step_size per norm ('*' for
+    all).
 
-    Defaults: eps 8/255 (l_inf), 0.5 (l_2), 12 (l_1); PGD step 2.5 * eps / steps.
+    Defaults: eps 8/255 (l_inf), 0.5 (l_2), 12 (l_1); 10 steps (100 for autoattack's
+    members); PGD step 2.5 * eps / steps; 9 target classes; 5000 Square queries.
     """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
         raise GdwsError("no attack given")
-    if int(steps) != steps or steps < 1:
-        raise GdwsError(f"steps must be a whole number >= 1, got {steps}")
+    for what, value in (("steps", steps), ("targets", targets), ("queries", queries)):
+        if value is not None and (int(value) != value or value < 1):
+            raise GdwsError(f"{what} must be a whole number >= 1, got {value}")
     if int(restarts) != restarts or restarts < 1:
         raise GdwsError(f"restarts must be a whole number >= 1, got {restarts}")
     eps, step_size = dict(eps or {}), dict(step_size or {})
     attacks = []
-    for name in names:
-        if name not in ATTACKS:
-            raise GdwsError(f"unknown attack {name!r} (choose from {', '.join(ATTACKS)})")
+    for name, standard_steps in _expanded(names):
         method, norm, loss = ATTACKS[name]
+        count = int(steps) if steps is not None else standard_steps
         budget = eps.get(norm, eps.get("*", DEFAULT_EPS[norm]))
-        step = step_size.get(norm, step_size.get("*", 2.5 * budget / steps))
-        attacks.append(Attack(name, method, norm, loss, budget, int(steps), step, int(restarts)))
+        step = step_size.get(norm, step_size.get("*", 2.5 * budget / count))
+        attacks.append(
+            Attack(
+                name,
+                method,
+                norm,
+                loss,
+                budget,
+                count,
+                step,
+                int(restarts),
+                int(targets),
+                int(queries),
+            )
+        )
     return attacks
+
+
+def _expanded(names: Sequence[str]) -> List[Tuple[str, int]]:
+    """(attack name, its default steps), 'autoattack' spelled out, each name once."""
+    known = (*ATTACKS, "autoattack")
+    expanded: Dict[str, int] = {}
+    for name in names:
+        if name not in known:
+            raise GdwsError(f"unknown attack {name!r} (choose from {', '.join(known)})")
+        for member in AUTOATTACK if name == "autoattack" else (name,):
+            standard = AUTOATTACK_STEPS if name == "autoattack" else DEFAULT_STEPS
+            expanded.setdefault(member, standard)
+    return list(expanded.items())
 
 
 class Normalized(nn.Module):
