@@ -17,7 +17,7 @@ import functools
 import importlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -102,6 +102,24 @@ class EvalReport:
     std: Optional[List[float]]
     seed: int
     seconds: float
+    # per attack in turn: name, robust_acc and robust_ci95 of the cumulative worst case
+    per_attack: List[Dict] = field(default_factory=list)
+
+    def robustbench(self) -> Dict:
+        """The RobustBench-style summary: model, data, n, norm, eps, attacks (names),
+        clean, robust and the cumulative robust accuracy after each attack."""
+        budgets = {attack["norm"]: attack["eps"] for attack in self.attacks}
+        return {
+            "model": self.model,
+            "data": self.dataset,
+            "n": self.samples,
+            "norm": ",".join(budgets) or None,
+            "eps": next(iter(budgets.values())) if len(budgets) == 1 else budgets,
+            "attacks": [attack["name"] for attack in self.attacks],
+            "clean": self.clean_acc,
+            "robust": self.robust_acc,
+            "per_attack": self.per_attack,
+        }
 
     def to_dict(self) -> Dict:
         record = asdict(self)
@@ -122,6 +140,8 @@ class Verdicts:
     mirror_robust: np.ndarray
     disagree_clean: np.ndarray
     disagree_adv: np.ndarray
+    # (samples, attacks): the backend right on the cumulative worst case after each attack
+    robust_after: np.ndarray
 
     def __len__(self) -> int:
         return len(self.clean)
@@ -130,18 +150,28 @@ class Verdicts:
     def concat(cls, parts: Sequence[Verdicts]) -> Verdicts:
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
-    def to_json(self) -> Dict[str, str]:
-        """Each array as a string of 0s and 1s (what a checkpoint stores)."""
-        return {
-            f.name: (getattr(self, f.name).astype(np.uint8) + ord("0")).tobytes().decode()
-            for f in fields(self)
+    def to_json(self) -> Dict[str, Union[str, List[str]]]:
+        """Each array as a string of 0s and 1s (what a checkpoint stores), robust_after as
+        one string per attack."""
+        record: Dict[str, Union[str, List[str]]] = {
+            f.name: _bits(getattr(self, f.name)) for f in fields(self)[:-1]
         }
+        record["robust_after"] = [_bits(column) for column in self.robust_after.T]
+        return record
 
     @classmethod
-    def from_json(cls, record: Mapping[str, str]) -> Verdicts:
-        return cls(
-            *(np.frombuffer(record[f.name].encode(), np.uint8) == ord("1") for f in fields(cls))
-        )
+    def from_json(cls, record: Mapping[str, Union[str, List[str]]]) -> Verdicts:
+        flags = [_from_bits(record[f.name]) for f in fields(cls)[:-1]]
+        after = [_from_bits(column) for column in record["robust_after"]]
+        return cls(*flags, np.stack(after, 1) if after else np.ones((len(flags[0]), 0), bool))
+
+
+def _bits(flags: np.ndarray) -> str:
+    return (flags.astype(np.uint8) + ord("0")).tobytes().decode()
+
+
+def _from_bits(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), np.uint8) == ord("1")
 
 
 class Judge:
@@ -226,13 +256,16 @@ class Judge:
         with torch.no_grad():
             mirror_clean = self.target(x).argmax(1).cpu().numpy()
         correct = np.flatnonzero(backend_clean == y_batch)
-        x_adv = x.clone()
+        x_after = [x.clone() for _ in attacks]
         if len(correct) and attacks:
             chosen = torch.from_numpy(correct).to(self.device)
             ids = torch.from_numpy(np.asarray(sample_ids)[correct])
-            x_adv[chosen] = worst_case(self.target, x[chosen], y[chosen], attacks, ids, seed).x_adv
-        adversarial = x_adv.detach().cpu().numpy()
-        backend_adv = self.predict(adversarial)
+            found = worst_case(self.target, x[chosen], y[chosen], attacks, ids, seed)
+            for x_adv, after in zip(x_after, found.x_after):
+                x_adv[chosen] = after
+        x_adv = x_after[-1] if attacks else x
+        backend_after = [self.predict(after.detach().cpu().numpy()) for after in x_after]
+        backend_adv = backend_after[-1] if attacks else backend_clean
         with torch.no_grad():
             mirror_adv = self.target(x_adv).argmax(1).cpu().numpy()
         return Verdicts(
@@ -242,6 +275,9 @@ class Judge:
             mirror_robust=mirror_adv == y_batch,
             disagree_clean=mirror_clean != backend_clean,
             disagree_adv=mirror_adv != backend_adv,
+            robust_after=np.array([after == y_batch for after in backend_after], bool).T.reshape(
+                len(y_batch), len(attacks)
+            ),
         )
 
 
@@ -308,6 +344,7 @@ def report_of(
     """The EvalReport of per-sample `verdicts` on `dataset`."""
     n = len(verdicts)
     robust = int(verdicts.robust.sum())
+    survived = verdicts.robust_after.sum(0).tolist()
     return EvalReport(
         model=name,
         backend=backend,
@@ -325,6 +362,14 @@ def report_of(
         std=list(std) if std else None,
         seed=seed,
         seconds=seconds,
+        per_attack=[
+            {
+                "name": attack.name,
+                "robust_acc": count / n,
+                "robust_ci95": list(wilson_interval(count, n)),
+            }
+            for attack, count in zip(attacks, survived)
+        ],
     )
 
 
