@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize
+from scipy.optimize import linprog, minimize
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.robustness.attacks import (
@@ -22,7 +22,9 @@ from gdws_deploy.robustness.attacks import (
     steepest_direction,
     worst_case,
 )
+from gdws_deploy.robustness.attacks.fab import linf_step_to_plane
 from gdws_deploy.robustness.attacks.seeding import _mix
+from gdws_deploy.robustness.attacks.square import square_fraction
 from gdws_deploy.robustness.data import load_dataset
 from tests.digits_fixtures import one_torch_thread, trained_digits_cnn  # noqa: F401
 
@@ -140,12 +142,15 @@ def test_apgd_checkpoints_match_the_paper_schedule():
         ("apgd-ce", 0.1),
         ("apgd-dlr", 0.1),
         ("apgd-ce-l2", 0.7),
+        ("apgd-t", 0.1),
+        ("fab-t", 0.1),
+        ("square", 0.1),
     ],
 )
 def test_attack_lowers_accuracy_of_a_trained_model_within_budget(digits_test, name, eps):
     model = trained_digits_cnn()
     x, y = digits_test
-    (attack,) = make_attacks(name, {"*": eps}, steps=10)
+    (attack,) = make_attacks(name, {"*": eps}, steps=10, targets=3, queries=300)
     x_adv, margins = run_attack(model, attack, x, y, seed=0)
     clean, robust = _accuracy(model, x, y), _accuracy(model, x_adv, y)
     assert clean > 0.9
@@ -264,3 +269,69 @@ def test_a_combination_is_never_more_robust_than_its_first_attack(digits_test):
     both = worst_case(model, x, y, [ce, dlr], seed=1)
     assert 0 < alone.fooled.sum() < len(y)
     assert (both.fooled >= alone.fooled).all()
+
+
+def test_autoattack_is_the_standard_composition():
+    attacks = make_attacks("autoattack", {"*": 4 / 255})
+    assert [a.name for a in attacks] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert {(a.steps, a.targets, a.queries, a.norm) for a in attacks} == {(100, 9, 5000, "linf")}
+    assert {a.eps for a in attacks} == {4 / 255}
+    mixed = make_attacks("pgd-linf,autoattack,apgd-ce", steps=None)
+    assert [(a.name, a.steps) for a in mixed][:2] == [("pgd-linf", 10), ("apgd-ce", 100)]
+    assert len(mixed) == 5  # apgd-ce once
+    assert {a.steps for a in make_attacks("autoattack", steps=7)} == {7}
+
+
+def test_square_window_shrinks_on_the_papers_schedule():
+    fractions = [square_fraction(0.8, query, 10000) for query in (0, 10, 11, 51, 201, 9000)]
+    assert fractions == [0.8, 0.8, 0.4, 0.2, 0.1, 0.8 / 512]
+    assert square_fraction(0.8, 50, 1000) == 0.8 / 8  # rescaled: step 500 of 10000
+
+
+def test_fab_step_is_the_smallest_linf_step_onto_the_plane_in_the_box():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        t, w = rng.random(7), rng.standard_normal(7) * (rng.random(7) > 0.2)
+        c = rng.standard_normal() * 0.5
+        d = linf_step_to_plane(
+            *(torch.tensor(v, dtype=torch.float64)[None] for v in (t, w)),
+            torch.tensor([c], dtype=torch.float64),
+        )[0].numpy()
+        assert (t + d >= -1e-12).all() and (t + d <= 1 + 1e-12).all()
+        # the linear program: min s s.t. |d_i| <= s, 0 <= t + d <= 1, <w, d> = c
+        lp = linprog(
+            np.r_[np.zeros(7), 1.0],
+            A_ub=np.block([[np.eye(7), -np.ones((7, 1))], [-np.eye(7), -np.ones((7, 1))]]),
+            b_ub=np.zeros(14),
+            A_eq=np.r_[w, 0.0][None],
+            b_eq=[c],
+            bounds=[*zip(-t, 1 - t), (0, None)],
+        )
+        if lp.status == 0:
+            assert w @ d == pytest.approx(c, abs=1e-9)
+            assert np.abs(d).max() == pytest.approx(lp.x[-1], abs=1e-9)
+        else:  # the box keeps the plane out of reach: the step goes as far as it can
+            assert abs(w @ d) == pytest.approx(np.abs(w) @ np.where(w * c > 0, 1 - t, t))
+
+
+@pytest.mark.parametrize("name", ["apgd-t", "fab-t", "square"])
+def test_new_attacks_give_verdicts_independent_of_batching(digits_test, name):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    attacks = make_attacks(name, {"*": 0.06}, steps=3, targets=2, queries=25, restarts=2)
+    in_order = torch.arange(len(y))
+    reference = _fooled_in_batches(model, x, y, attacks, 64, in_order)
+    assert 0 < reference.sum() < len(y)
+    shuffled = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_fooled_in_batches(model, x, y, attacks, 7, shuffled), reference)
+
+
+def test_worst_case_records_the_cumulative_worst_case_after_each_attack(digits_test):
+    model = trained_digits_cnn()
+    x, y = digits_test
+    attacks = make_attacks("apgd-ce,square", {"*": 0.05}, steps=4, queries=50)
+    found = worst_case(model, x, y, attacks, seed=2)
+    first, second = (margins < 0 for margins in found.margin_after)
+    assert torch.equal(first, worst_case(model, x, y, attacks[:1], seed=2).fooled)
+    assert (second >= first).all() and torch.equal(second, found.fooled)
+    torch.testing.assert_close(found.x_after[-1], found.x_adv)

@@ -37,7 +37,13 @@ WORKERS = WorkersArgs(resume=True)
 @ATTACKS
 @DEVICE
 @WORKERS
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    help="Write the report: RobustBench-style (model, data, n, norm, eps, attacks, clean, "
+    "robust, per_attack) and the details.",
+)
 def eval_command(
     model: Path, backend: str, engine: Optional[Path], json_path: Optional[Path], **flags: Any
 ) -> None:
@@ -69,4 +75,4 @@ def eval_command(
     Console().print(report_table(report))
     if json_path is not None:
         with atomic_open(json_path) as handle:
-            json.dump(report.to_dict(), handle, indent=2)
+            json.dump({**report.robustbench(), **report.to_dict()}, handle, indent=2)

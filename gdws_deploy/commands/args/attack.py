@@ -15,7 +15,8 @@ STEPS = click.option("--steps", type=click.IntRange(min=1), default=10, show_def
 
 
 class AttackArgs(ArgGroup):
-    """--attack, --eps, --steps, --step-size, --restarts -> the attacks, worst case counting."""
+    """--attack, --eps, --steps, --step-size, --restarts, --targets, --queries -> the attacks,
+    run in turn (each on the samples still robust), the worst case per sample counting."""
 
     options = (
         click.option(
@@ -24,31 +25,49 @@ class AttackArgs(ArgGroup):
             default="pgd-linf",
             show_default=True,
             metavar="A[,A...]",
-            help="pgd-linf, pgd-l2, pgd-l1, apgd-ce, apgd-dlr, apgd-ce-l2, apgd-dlr-l2; "
-            "the worst case per sample counts.",
+            help="pgd-linf, pgd-l2, pgd-l1, apgd-ce, apgd-dlr, apgd-ce-l2, apgd-dlr-l2, apgd-t, "
+            "fab-t, square, or autoattack (= apgd-ce,apgd-t,fab-t,square, 100 steps); run in "
+            "turn on the samples still robust, the worst case per sample counts.",
         ),
         click.option(
             "--eps",
             metavar="E | NORM=E,...",
             help="Budget, e.g. 8/255 or linf=8/255,l2=0.5 [default: linf 8/255, l2 0.5, l1 12].",
         ),
-        STEPS,
+        click.option(
+            "--steps",
+            type=click.IntRange(min=1),
+            help="Iterations of PGD, APGD, APGD-T and FAB-T [default: 10; autoattack 100].",
+        ),
         click.option(
             "--step-size", metavar="S | NORM=S,...", help="PGD step [default: 2.5*eps/steps]."
         ),
         click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option(
+            "--targets",
+            type=click.IntRange(min=1),
+            help="Target classes of APGD-T and FAB-T: the highest-ranked after the first "
+            "[default: 9].",
+        ),
+        click.option(
+            "--queries",
+            type=click.IntRange(min=1),
+            help="Model queries per sample of Square [default: 5000].",
+        ),
     )
 
     @staticmethod
     def build(flags: Flags) -> List[Attack]:
         from gdws_deploy.robustness.attacks import make_attacks, parse_per_norm
 
+        given = {name: flags[name] for name in ("targets", "queries") if flags[name]}
         return make_attacks(
             flags["attack_names"],
             parse_per_norm(flags["eps"], "--eps"),
             flags["steps"],
             parse_per_norm(flags["step_size"], "--step-size"),
             flags["restarts"],
+            **given,
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Dict
 
 from rich.table import Table
 
@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 
 def report_table(report: EvalReport) -> Table:
-    """Clean and robust accuracy on the backend, the mirror's, and the attacks run."""
+    """Clean and robust accuracy on the backend, the mirror's, and the attacks run, each
+    with the robust accuracy of the worst case so far (as AutoAttack prints it)."""
     low, high = report.robust_ci95
     table = Table(title=f"robustness of {report.model} on {report.backend}", title_justify="left")
     table.add_column("measure")
@@ -27,10 +28,29 @@ def report_table(report: EvalReport) -> Table:
         "mirror vs backend disagreements",
         f"{report.disagreements_clean} clean, {report.disagreements_adv} adversarial",
     )
+    survived = {row["name"]: row for row in report.per_attack}
     for attack in report.attacks:
-        settings = f"eps {attack['eps']:.4g}, {attack['steps']} steps"
-        if attack["method"] == "pgd":
-            settings += f" of {attack['step_size']:.4g}"
-        table.add_row(f"attack {attack['name']}", f"{settings}, {attack['restarts']} restart(s)")
+        table.add_row(f"attack {attack['name']}", _settings(attack))
+        if attack["name"] in survived:
+            row = survived[attack["name"]]
+            low, high = row["robust_ci95"]
+            table.add_row(
+                f"  robust after {attack['name']}",
+                f"{row['robust_acc']:.2%}  [95% CI {low:.2%} - {high:.2%}]",
+            )
     table.add_row("time", f"{report.seconds:.1f} s")
     return table
+
+
+def _settings(attack: Dict) -> str:
+    """An attack's budget and effort, as the attack counts it."""
+    settings = f"{attack['norm']} eps {attack['eps']:.4g}, "
+    if attack["method"] == "square":
+        settings += f"{attack['queries']} queries"
+    else:
+        settings += f"{attack['steps']} steps"
+    if attack["method"] == "pgd":
+        settings += f" of {attack['step_size']:.4g}"
+    if attack["method"] in ("apgd-t", "fab-t"):
+        settings += f", {attack['targets']} target classes"
+    return f"{settings}, {attack['restarts']} restart(s)"
