@@ -262,13 +262,15 @@ def test_verdicts_do_not_depend_on_batch_size_or_order(digits_test):
 
 
 def test_a_combination_is_never_more_robust_than_its_first_attack(digits_test):
+    """Across batches too: a generator shared by batches and attacks lost 2 samples here."""
     model = trained_digits_cnn()
     x, y = digits_test
-    ce, dlr = make_attacks("apgd-ce,apgd-dlr", {"*": 0.05}, steps=5)
-    alone = worst_case(model, x, y, [ce], seed=1)
-    both = worst_case(model, x, y, [ce, dlr], seed=1)
-    assert 0 < alone.fooled.sum() < len(y)
-    assert (both.fooled >= alone.fooled).all()
+    ce, dlr = make_attacks("apgd-ce,apgd-dlr", {"*": 0.08}, steps=2)
+    in_order = torch.arange(len(y))
+    alone = _fooled_in_batches(model, x, y, [ce], 32, in_order)
+    both = _fooled_in_batches(model, x, y, [ce, dlr], 32, in_order)
+    assert 0 < alone.sum() < len(y)
+    assert (both >= alone).all()
 
 
 def test_autoattack_is_the_standard_composition():

@@ -106,8 +106,8 @@ class EvalReport:
     per_attack: List[Dict] = field(default_factory=list)
 
     def robustbench(self) -> Dict:
-        """The RobustBench-style summary: model, data, n, norm, eps, attacks (names),
-        clean, robust and the cumulative robust accuracy after each attack."""
+        """The RobustBench-style summary: model, data, n, norm, eps, attacks (each with its
+        name and settings), clean, robust and the cumulative robust accuracy after each."""
         budgets = {attack["norm"]: attack["eps"] for attack in self.attacks}
         return {
             "model": self.model,
@@ -115,7 +115,7 @@ class EvalReport:
             "n": self.samples,
             "norm": ",".join(budgets) or None,
             "eps": next(iter(budgets.values())) if len(budgets) == 1 else budgets,
-            "attacks": [attack["name"] for attack in self.attacks],
+            "attacks": self.attacks,
             "clean": self.clean_acc,
             "robust": self.robust_acc,
             "per_attack": self.per_attack,
