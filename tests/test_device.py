@@ -128,3 +128,34 @@ def test_bench_on_a_provider_this_onnxruntime_lacks_is_one_line(tmp_path, capsys
     model = small_cnn(tmp_path / "small.onnx")
     result = run_cli(capsys, "bench", model, "--providers", "cuda", "--duration", "0")
     assert_one_line_error(result, "this onnxruntime has no CUDAExecutionProvider")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_GPU, reason="needs a CUDA GPU")
+def test_attacks_alphas_and_verdicts_on_the_gpu_agree_with_the_cpu(tmp_path):
+    import numpy as np
+    import onnxruntime
+
+    from gdws_deploy.robustness.alphas import compute_alphas
+    from gdws_deploy.robustness.attacks import make_attacks
+    from gdws_deploy.robustness.data import load_dataset
+    from gdws_deploy.robustness.evaluate import Judge, evaluate
+    from tests.digits_fixtures import export_trained_digits_cnn
+
+    model = export_trained_digits_cnn(tmp_path / "digits.onnx")
+    data = load_dataset("digits", limit=64)
+    attacks = make_attacks("pgd-linf", {"*": 0.1}, steps=5)
+    cpu, gpu = (
+        evaluate(model, data, attacks, batch_size=32, seed=1, device=d) for d in ("cpu", "cuda")
+    )
+    assert gpu.clean_acc == cpu.clean_acc
+    assert abs(gpu.robust_acc - cpu.robust_acc) <= 2 / len(data)  # a borderline sample may flip
+    on_cpu, on_gpu = (
+        compute_alphas(model, data, attacks[0], batch_size=32, device=d).alphas
+        for d in ("cpu", "cuda")
+    )
+    for name, value in on_cpu.items():
+        np.testing.assert_allclose(on_gpu[name], value, rtol=1e-2)
+    if CUDA in onnxruntime.get_available_providers():
+        judge = Judge(model, device="cuda", channels=1)
+        assert CUDA in provider_names(judge.runner.providers)

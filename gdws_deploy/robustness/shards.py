@@ -266,24 +266,8 @@ def _here(
 def _on_ray(
     job: _Job, dataset: Dataset, spans: Sequence[Span], todo: Sequence[int], sharding: Sharding
 ) -> Iterator[Tuple[int, Verdicts]]:
-    """The shards as Ray tasks, yielded as they finish (any order). Starts a local Ray
-    instance of `sharding.workers` CPUs, or joins `sharding.address`, unless this process
-    is in one already; leaves what it started."""
-    try:
-        import ray
-    except ImportError:
-        raise GdwsError(f"--workers and --ray-address need Ray: {RAY_HINT}") from None
-    started = not ray.is_initialized()
-    if started:
-        if sharding.address is not None:
-            ray.init(address=sharding.address, log_to_driver=False, logging_level=logging.WARNING)
-        else:
-            ray.init(
-                num_cpus=sharding.workers,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+    """The shards as Ray tasks, yielded as they finish (any order)."""
+    ray = _connected(sharding)
     pending: Dict = {}
     try:
         gpus = 1 if job.device.startswith("cuda") else 0
@@ -301,8 +285,33 @@ def _on_ray(
     finally:
         for ref in pending:
             ray.cancel(ref)
-        if started:
-            ray.shutdown()
+
+
+# The (workers, address) of the Ray instance this module started in this process, if any.
+_STARTED: Dict[str, Tuple[int, Optional[str]]] = {}
+
+
+def _connected(sharding: Sharding):
+    """The ray module, connected as `sharding` asks: a local instance of `workers` CPUs,
+    or the cluster at `address`. An instance this module started stays up for the next
+    evaluation (a sweep runs many; Ray stops at exit) unless that one asks for another
+    shape; one the caller started is used as it is."""
+    try:
+        import ray
+    except ImportError:
+        raise GdwsError(f"--workers and --ray-address need Ray: {RAY_HINT}") from None
+    shape = (sharding.workers, sharding.address)
+    if ray.is_initialized():
+        if _STARTED.get("shape", shape) == shape:
+            return ray
+        ray.shutdown()
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if sharding.address is not None:
+        ray.init(address=sharding.address, **quiet)
+    else:
+        ray.init(num_cpus=sharding.workers, include_dashboard=False, **quiet)
+    _STARTED["shape"] = shape
+    return ray
 
 
 # A Ray worker's opened model (active), kept for the shards of the same job that follow.
