@@ -13,6 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $@
 
 # The bundled robust model (PGD-trained at l_inf 4/255 on photo patches) swept at four
