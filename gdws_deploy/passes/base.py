@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import onnx
+from onnx import TensorProto
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel
@@ -36,6 +37,8 @@ Progress = Callable[[int, int, str], None]
 Stage = Callable[[str], None]
 # Skip reasons of Convs whose weights are not constants (ir.graph.find_convs).
 RUN_TIME_WEIGHTS = ("weight is a graph input", "weight computed at run time", "quantized weight")
+# Conv weight types a pass computes on (numpy float types: the math runs in float64).
+FLOAT_WEIGHTS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 # Conv names an error message lists at most.
 _NAMES_SHOWN = 5
 

@@ -1,6 +1,6 @@
 """Compression passes by name: what ConvertOptions.method and --method choose from.
 
-Only GDWS today; grouped kernel pruning, low-rank factorization and INT8 join here as
+GDWS and grouped kernel pruning (GKP); low-rank factorization and INT8 join here as
 they arrive. A dict, not a plugin system: the passes ship with the package.
 """
 
@@ -11,8 +11,9 @@ from typing import Dict
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.passes.base import CompressionPass
 from gdws_deploy.passes.gdws.compression import GdwsPass
+from gdws_deploy.passes.gkp.compression import GkpPass
 
-PASSES: Dict[str, CompressionPass] = {GdwsPass.name: GdwsPass()}
+PASSES: Dict[str, CompressionPass] = {GdwsPass.name: GdwsPass(), GkpPass.name: GkpPass()}
 
 
 def pass_named(name: str) -> CompressionPass:

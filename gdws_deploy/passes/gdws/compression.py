@@ -21,7 +21,7 @@ from onnx import TensorProto
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel
 from gdws_deploy.ir.graph import ConvLayer
-from gdws_deploy.passes.base import CompressionPass, LayerOption, Progress, Stage
+from gdws_deploy.passes.base import FLOAT_WEIGHTS, CompressionPass, LayerOption, Progress, Stage
 from gdws_deploy.passes.gdws.allocation import (
     USES_ALPHAS,
     LayerCost,
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
 # Why an eligible layer stayed dense when even one kernel costs as the dense conv.
 NO_GAIN = "GDWS form would not reduce its MACs"
-# Conv weights GDWS factors (numpy float types, so the SVD runs in float64 on them).
-_CONVERTIBLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
 
 class GdwsPass(CompressionPass):
@@ -57,7 +55,7 @@ class GdwsPass(CompressionPass):
             return f"grouped conv (group={layer.group})"
         if layer.weight_shape[2:] == (1, 1):
             return "1x1 kernel (already pointwise)"
-        if layer.weight_type not in _CONVERTIBLE_TYPES:
+        if layer.weight_type not in FLOAT_WEIGHTS:
             kind = TensorProto.DataType.Name(layer.weight_type).lower()
             return f"weight type {kind} is not a float type"
         return None
