@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,44 @@ def test_kill_9_mid_run_then_resume_gives_the_same_report(digits_model, tmp_path
     one, other = (json.loads(path.read_text()) for path in (resumed, straight))
     one["seconds"] = other["seconds"] = None
     assert one == other
+
+
+def _shard_workers() -> list:
+    """Pids of processes that run a shard now (Ray titles a busy worker ray::_shard)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"ray::_shard"):
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="Ray not installed (pip install gdws-deploy[ray])")
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds Ray's workers in /proc")
+def test_a_worker_killed_mid_shard_costs_a_retry_not_the_run(digits_model, data, tmp_path):
+    import threading
+
+    attacks = make_attacks("pgd-linf", {"*": 0.1}, steps=40)
+    plain = evaluate(digits_model, data, attacks, batch_size=BATCH, seed=3)
+    outcome = {}
+
+    def run() -> None:
+        outcome["report"] = evaluate_sharded(
+            digits_model, data, attacks, batch_size=BATCH, seed=3, sharding=Sharding(workers=2)
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline, killed = time.monotonic() + 60, None
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        busy = _shard_workers()
+        if busy:
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.005)
+    thread.join(120)
+    assert killed is not None, "no shard was seen running"
+    assert _without_time(outcome["report"]) == _without_time(plain)
