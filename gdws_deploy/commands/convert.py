@@ -36,6 +36,7 @@ DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
     type=click.Path(path_type=Path),
     help="Output model [default: <stem>.gdws.onnx next to MODEL].",
 )
+@CONVERT.method
 @CONVERT.target
 @click.option("--alphas", type=click.Path(path_type=Path), help="npz of channel weights per Conv.")
 @CONVERT.selection
@@ -54,7 +55,8 @@ DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
 def convert_command(
     model: Path, output: Optional[Path], report_path: Optional[Path], **flags: Any
 ) -> None:
-    """Rewrite the KxK convolutions of MODEL (ONNX) into GDWS form.
+    """Rewrite the KxK convolutions of MODEL (ONNX) into GDWS form (or prune their kernels
+    in groups: --method gkp).
 
     Give one target: --beta, --budget, --mac-reduction, --speedup (with --tune; may join
     --mac-reduction; or --speed-ratio with it), or --max-robust-drop with --dataset. With

@@ -14,6 +14,7 @@ from gdws_deploy.commands.args.base import NUMBERS
 from gdws_deploy.commands.args.check import CheckArgs
 from gdws_deploy.commands.args.data import DataArgs
 from gdws_deploy.commands.args.device import DeviceArgs
+from gdws_deploy.commands.args.method import MethodArgs
 from gdws_deploy.commands.args.timing import TimingArgs
 from gdws_deploy.commands.args.tune import TuneArgs
 from gdws_deploy.commands.args.workers import WorkersArgs
@@ -28,6 +29,7 @@ DATA, ATTACKS, ALLOCATION, TIMING = (
 )
 CHECK = CheckArgs(DATA, ATTACKS)
 DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
+METHOD = MethodArgs(allowed=("dataset",))
 TUNE = TuneArgs(
     lowering_help="How GDWS layers are written (see convert --help).",
     tune_help="Time each layer's forms on this backend at --bench-batch and keep the fastest, "
@@ -48,6 +50,7 @@ TUNE = TuneArgs(
 @ATTACKS
 @DEVICE
 @WORKERS
+@METHOD
 @click.option(
     "--mac-reductions", type=NUMBERS, metavar="R[,R...]", help="MAC targets [default: 1.5,2,3,4]."
 )
@@ -82,7 +85,7 @@ def sweep_command(
     from gdws_deploy.options import ConvertOptions
     from gdws_deploy.pipeline.sweep import model_stem, run_sweep
 
-    options = ConvertOptions(alphas=flags["alphas"])
+    options = METHOD.apply(ConvertOptions(alphas=flags["alphas"]), flags)
     check = CHECK.build(flags, backend)
     calibration = check if calib is None else CHECK.build(flags, backend, calib, check.attacks)
     out = out or Path(f"{model_stem(model)}-sweep")

@@ -74,6 +74,8 @@ class CompressionPass(abc.ABC):
     # every Conv is one.
     structural: ClassVar[Tuple[str, ...]] = ()
     nothing_to_do: ClassVar[str] = ""
+    # Whether data calibrates it (loss curves, alphas: robustness.sensitivity.calibrate).
+    calibrates: ClassVar[bool] = False
 
     @abc.abstractmethod
     def why_not(self, layer: ConvLayer) -> Optional[str]:

@@ -65,7 +65,8 @@ class ConvertReport:
     tuned: the backend and batch the lowerings were measured on; measured_speedup: the
     whole converted model against the original there. notes: what else changed, one line
     each (an upgraded IR version). already_met: the original meets the target (a MAC
-    reduction or speed-up of 1), so nothing was rewritten by design.
+    reduction or speed-up of 1), so nothing was rewritten by design. method: the pass
+    (ConvertOptions.method).
     """
 
     target: str
@@ -79,6 +80,7 @@ class ConvertReport:
     measured_speedup: Optional[float] = None
     notes: Tuple[str, ...] = ()
     already_met: bool = False
+    method: str = "gdws"
 
     @property
     def converted(self) -> int:
@@ -139,6 +141,7 @@ def convert(
     report = functools.partial(
         ConvertReport,
         target=target,
+        method=compression.name,
         macs_before=analyzed.total_macs,
         lowering=opts.lowering,
         tuned=costs and costs.describe(),

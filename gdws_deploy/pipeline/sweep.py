@@ -94,8 +94,10 @@ def run_sweep(
     with _staged(out) as stage, tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
         paths = _output_paths(Path(model), stage, targets)
         options = _shared_tune_cache(options, Path(scratch))
-        say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
-        calibrated = calibrate(analyzed, calibration, options, by_beta=by_beta)
+        calibrated = options
+        if pass_named(options.method).calibrates:
+            say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
+            calibrated = calibrate(analyzed, calibration, options, by_beta=by_beta)
         models = [(Path(model), "original", "original", analyzed.total_macs, 1.0)]
         for (label, key, value), path in zip(targets, paths["targets"]):
             say(f"converting at {label}")

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from gdws_deploy.commands.args.allocation import AllocationArgs
 from gdws_deploy.commands.args.base import Flags
+from gdws_deploy.commands.args.method import MethodArgs
 from gdws_deploy.commands.args.selection import SelectionArgs
 from gdws_deploy.commands.args.target import SpeedGoalArgs, TargetArgs
 from gdws_deploy.commands.args.tune import TuneArgs
@@ -19,6 +20,7 @@ class ConvertArgs:
     plus the verb's own --alphas and --no-parity."""
 
     def __init__(self) -> None:
+        self.method = MethodArgs()
         self.target = TargetArgs()
         self.speed_goal = SpeedGoalArgs()
         self.selection = SelectionArgs()
@@ -30,6 +32,7 @@ class ConvertArgs:
         from gdws_deploy.options import ConvertOptions
 
         options = ConvertOptions(alphas=flags["alphas"], check_parity=not flags["no_parity"])
+        options = self.method.apply(options, flags)
         options = self.speed_goal.apply(options, flags)
         options = self.target.apply(options, flags, default=not searched)
         options = self.selection.apply(options, flags)

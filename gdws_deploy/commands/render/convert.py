@@ -14,8 +14,12 @@ if TYPE_CHECKING:
 
 
 def layer_table(report: ConvertReport) -> Table:
-    """One row per Conv: kernels and MACs, or why it was left alone."""
-    table = Table(title=f"GDWS conversion ({report.target})", title_justify="left")
+    """One row per Conv: kernels and MACs, or why it was left alone (GKP: G is the
+    kernels each filter group keeps, the error their pruned energy)."""
+    from gdws_deploy.passes.registry import pass_named
+
+    label = pass_named(report.method).label
+    table = Table(title=f"{label} conversion ({report.target})", title_justify="left")
     table.add_column("Conv")
     for column in ("weight", "G", "MACs before -> after"):
         table.add_column(column, justify="right")
@@ -65,7 +69,13 @@ def warnings(
             f"range (over {PARITY_WARNING:g}): check accuracy with gdws-deploy eval",
             soft_wrap=True,
         )
-    if rewritten and options.tune is None:
+    if rewritten and options.method != "gdws":
+        errors.print(
+            f"[yellow]warning:[/] untimed: method {options.method} wrote grouped convs between "
+            "Gathers, which may run slower than MODEL; measure both with gdws-deploy bench",
+            soft_wrap=True,
+        )
+    elif rewritten and options.tune is None:
         errors.print(
             "[yellow]warning:[/] untuned: the GDWS layers were lowered by rule for no backend "
             "and may run slower than MODEL; --tune ort (onnxruntime) or --tune trt (TensorRT, "

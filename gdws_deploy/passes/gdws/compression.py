@@ -47,6 +47,7 @@ class GdwsPass(CompressionPass):
     label = "GDWS"
     structural = ("grouped conv", "1x1 kernel")
     nothing_to_do = "all Convs are depthwise, grouped or 1x1: nothing for GDWS to do"
+    calibrates = True
 
     def why_not(self, layer: ConvLayer) -> Optional[str]:
         if len(layer.weight_shape) != 4:

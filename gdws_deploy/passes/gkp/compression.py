@@ -150,9 +150,30 @@ def allocate_keep(
         )
     pruned = np.bincount(owner[order[:last]], minlength=sizes.size)
     short = need - (saved[last - 1] if last else 0.0)
-    first = np.cumsum(sizes - 1) - (sizes - 1)  # each layer's first step in `step`
-    following = step[np.minimum(first + pruned, step.size - 1)] / price  # its next step's
-    closes = (pruned < sizes - 1) & (price >= short)  # a next step that reaches the target
-    finisher = np.lexsort((following, price, ~closes))[0]
-    pruned[finisher] += 1
-    return sizes - pruned
+    return sizes - pruned - _closing(pruned, sizes, price, short, step / price[owner])
+
+
+def _closing(
+    pruned: np.ndarray, sizes: np.ndarray, price: np.ndarray, short: float, ratio: np.ndarray
+) -> np.ndarray:
+    """Steps per layer that save the last `short` MACs with the least overshoot: one
+    step (the cheapest price that covers it; among equals, the best ratio) or, when that
+    overshoots more, steps of the layers with the smallest prices (each until it covers)."""
+    room = sizes - 1 - pruned
+    first = np.cumsum(sizes - 1) - (sizes - 1)  # each layer's first step in `ratio`
+    following = ratio[np.minimum(first + pruned, ratio.size - 1)]
+    covers = (room > 0) & (price >= short)
+    one = np.zeros_like(pruned)
+    one[np.lexsort((following, price, ~covers))[0]] = 1
+    by_price = np.argsort(np.where(room > 0, price, np.inf), kind="stable")
+    capacity = np.cumsum((room * price)[by_price])
+    filled = min(int(np.searchsorted(capacity, short)), by_price.size - 1)
+    fill = np.zeros_like(pruned)
+    fill[by_price[:filled]] = room[by_price[:filled]]
+    rest = short - (capacity[filled - 1] if filled else 0.0)
+    fill[by_price[filled]] = min(
+        room[by_price[filled]], int(np.ceil(rest / price[by_price[filled]]))
+    )
+    if (fill * price).sum() < (one * price).sum() and (fill * price).sum() >= short:
+        return fill
+    return one
