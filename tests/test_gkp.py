@@ -274,3 +274,23 @@ def test_tensorrt_rtx_parser_accepts_the_grouped_form(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "TensorRT-RTX" in done.stdout and "accepted:" in done.stdout
+
+
+def test_cli_sweep_with_method_gkp_measures_without_calibrating(capsys, tmp_path):
+    from tests.digits_fixtures import export_trained_digits_cnn, torch_threads
+
+    model, out = export_trained_digits_cnn(tmp_path / "digits.onnx"), tmp_path / "sweep"
+    refused = run_cli(capsys, "sweep", model, "--dataset", "digits", "--method", "gkp",
+                      "--betas", "1", "--out", out)  # fmt: skip
+    assert_one_line_error(refused, "--method gkp takes --mac-reduction only, not --betas")
+    with torch_threads(1):
+        result = run_cli(
+            capsys, "sweep", model, "--dataset", "digits", "--limit", 40, "--eps", "0.05",
+            "--steps", 1, "--method", "gkp", "--mac-reductions", "2", "--bench-batch", 4,
+            "--duration", 0.05, "--rounds", 1, "--threads", 1, "--out", out,
+        )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "calibrating" not in result.err and "converting at 2x" in result.err
+    record = json.loads((out / "sweep.json").read_text())
+    assert [point["label"] for point in record["points"]] == ["original", "2x"]
+    assert record["points"][1]["reduction"] >= 2 and record["allocation"] == "relative"
