@@ -337,3 +337,16 @@ def test_worst_case_records_the_cumulative_worst_case_after_each_attack(digits_t
     assert torch.equal(first, worst_case(model, x, y, attacks[:1], seed=2).fooled)
     assert (second >= first).all() and torch.equal(second, found.fooled)
     torch.testing.assert_close(found.x_after[-1], found.x_adv)
+
+
+def test_targeted_attacks_take_every_class_a_small_model_has_and_need_enough():
+    torch.manual_seed(0)
+    four = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    x, y = torch.rand(6, 1, 2, 2), torch.arange(6) % 4
+    for name in ("apgd-t", "fab-t"):  # 9 targets asked, 3 there
+        (attack,) = make_attacks(name, {"*": 0.5}, steps=3)
+        x_adv, _ = run_attack(four, attack, x, y)
+        assert (norm_of(x_adv - x, "linf") <= 0.5 + 1e-6).all()
+    three = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with pytest.raises(GdwsError, match="at least 4 classes"):
+        run_attack(three, make_attacks("apgd-t", steps=2)[0], x, y % 3)

@@ -99,9 +99,9 @@ def over_targets(
     run: TargetedRun,
     min_classes: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A targeted attack against each of the `targets` classes the clean logits rank
-    highest after the first, each only on the samples still not broken; per sample the
-    lowest margin wins (AutoAttack's APGD-T and FAB-T)."""
+    """A targeted attack against each of the `targets` classes (all, where the model has
+    fewer) the clean logits rank highest after the first, each only on the samples still
+    not broken; per sample the lowest margin wins (AutoAttack's APGD-T and FAB-T)."""
     ids = torch.arange(len(x)) if sample_ids is None else torch.as_tensor(sample_ids)
     best = BestSoFar(x)
     if len(x) == 0:
@@ -109,14 +109,11 @@ def over_targets(
     with torch.no_grad():
         logits = model(x)
     classes = logits.shape[1]
-    if classes < max(min_classes, targets + 1):
-        raise GdwsError(
-            f"{targets} target classes need at least {max(min_classes, targets + 1)} classes, "
-            f"the model has {classes}"
-        )
+    if classes < min_classes:
+        raise GdwsError(f"the targeted attack needs at least {min_classes} classes, not {classes}")
     best.offer(x, margin(logits, y))
     ranked = logits.argsort(dim=1, descending=True)
-    for rank in range(1, targets + 1):
+    for rank in range(1, min(targets, classes - 1) + 1):
         active = (best.margin >= 0).nonzero()[:, 0]
         if len(active) == 0:
             break
