@@ -173,11 +173,12 @@ def _searched(args: argparse.Namespace, work: Path, base: ConvertOptions, calib)
         return Row(f"{label} -> nothing kept the budget", Path(args.model), failed=True)
     best = point.best
     print(
-        f"search chose {best.rule} at {best.target:g}x ({point.knob}): calibration drop "
+        f"search chose {best.rule} {best.knob} {best.target:g}: calibration drop "
         f"{best.drop:+.1%} robust, {best.clean_drop:+.1%} clean",
         file=sys.stderr,
     )
-    return Row(f"{label} -> {best.rule} {point.knob} {best.target:g}", path, report, searched=True)
+    chosen = f"{label} -> {best.rule} {best.knob} {best.target:g}"
+    return Row(chosen, path, report, searched=True)
 
 
 def _said(probe) -> None:

@@ -331,10 +331,10 @@ def test_max_robust_drop_kept_by_no_target_shows_the_search_then_fails_in_one_li
     )  # fmt: skip
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
-        "gdws-deploy: error: no MAC reduction keeps the robust drop within 0 and the clean "
+        "gdws-deploy: error: no conversion keeps the robust drop within 0 and the clean "
         "drop within 0: nothing written"
     )
-    assert "search: fastest MAC reduction" in out and "beyond" in out and "chosen" not in out
+    assert "search: fastest conversion" in out and "beyond" in out and "chosen" not in out
     assert files(tmp_path) == before
 
 

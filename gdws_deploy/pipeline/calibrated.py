@@ -9,19 +9,20 @@ per rule; the fixed target, or every probe of the search, reuse what it measured
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.pipeline.convert import ConvertReport, Stage, convert_file
 from gdws_deploy.pipeline.operating_point import (
+    Candidate,
     OperatingPoint,
     Probe,
     check_max_drop,
     clean_budget,
     convert_within_drop,
-    knob_for,
+    knobs_for,
     search_rules,
 )
 from gdws_deploy.robustness.check import RobustnessCheck
@@ -34,9 +35,8 @@ class DropNotKeptError(GdwsError):
     point: the search, every probe included, for whoever shows why."""
 
     def __init__(self, point: OperatingPoint) -> None:
-        knob = "speed-up goal" if point.knob == "speedup" else "MAC reduction"
         super().__init__(
-            f"no {knob} keeps the robust drop within {point.max_drop:g} and the clean drop "
+            f"no conversion keeps the robust drop within {point.max_drop:g} and the clean drop "
             f"within {point.max_clean_drop:g}: nothing written"
         )
         self.point = point
@@ -90,17 +90,20 @@ def convert_calibrated(
 
 def _candidates(
     model: Union[str, Path], check: RobustnessCheck, options: ConvertOptions
-) -> List[ConvertOptions]:
-    """The options of each rule a search tries, each calibrated for that rule (one SVD
-    cache among them); under a speed goal the measured rule's curves are per channel, as
-    the speed goal's options are (sensitivity.measure_loss_curves)."""
-    knob = knob_for(options)
-    first = knob.grid[0]
-    candidates: List[ConvertOptions] = []
-    for rule in search_rules(options):
-        shared = candidates[0].spectra_cache if candidates else options.spectra_cache
-        aimed = ConvertOptions.of(
-            options, allocation=rule, spectra_cache=shared, **{knob.name: first}
-        )
-        candidates.append(calibrate(model, check, aimed))
+) -> List[Candidate]:
+    """Every (rule, family) a search brackets, its options calibrated once per rule and kind
+    of target (one SVD cache among them); under a speed goal the measured rule's curves are
+    per channel, as the speed goal's options are (sensitivity.measure_loss_curves)."""
+    calibrated: Dict[Tuple[str, bool], ConvertOptions] = {}
+    candidates: List[Candidate] = []
+    for knob in knobs_for(options):
+        for rule in search_rules(options):
+            aimed = knob.options(ConvertOptions.of(options, allocation=rule), knob.grid[0])
+            key = (rule, aimed.has_speed_goal)
+            if key not in calibrated:
+                shared = next(iter(calibrated.values()), options).spectra_cache
+                calibrated[key] = calibrate(
+                    model, check, ConvertOptions.of(aimed, spectra_cache=shared)
+                )
+            candidates.append((calibrated[key], knob))
     return candidates

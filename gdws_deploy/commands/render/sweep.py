@@ -48,27 +48,30 @@ def sweep_table(result: SweepResult) -> Table:
 
 def search_table(point: OperatingPoint) -> Table:
     """Every probe of a --max-robust-drop search, in the order run."""
-    knob = "speed-up goal" if point.knob == "speedup" else "MAC reduction"
     table = Table(
-        title=f"search: fastest {knob} losing <= {point.max_drop:.1%} robust and "
+        title=f"search: fastest conversion losing <= {point.max_drop:.1%} robust and "
         f"<= {point.max_clean_drop:.1%} clean accuracy (original {point.robust_acc:.1%} robust, "
         f"{point.clean_acc:.1%} clean on {point.check['samples']} samples of "
         f"{point.check['dataset']})",
         title_justify="left",
     )
     table.add_column("rule")
+    table.add_column("family")
     columns = ("target", "fewer MACs", "speed-up", "clean", "robust", "drop", "clean drop")
     for column in (*columns, "verdict"):
         table.add_column(column, justify="right")
     for probe in point.probes:
         if probe.reduction is None:
-            table.add_row(probe.rule or "-", f"{probe.target:g}x", *["-"] * 6, probe.note)
+            table.add_row(
+                probe.rule or "-", probe.knob, f"{probe.target:g}x", *["-"] * 6, probe.note
+            )
             continue
         verdict = "within" if probe.within else "beyond"
         if probe == point.best:
             verdict = "[bold green]chosen[/]"
         table.add_row(
             probe.rule or "-",
+            probe.knob,
             f"{probe.target:g}x",
             f"{probe.reduction:.2f}x",
             "-" if probe.speedup is None else f"{probe.speedup:.2f}x",
@@ -84,12 +87,12 @@ def search_table(point: OperatingPoint) -> Table:
 def probe_line(probe: Probe) -> str:
     """One probe as it is measured, for progress on stderr."""
     if probe.drop is None:
-        return f"probe {probe.rule} {probe.target:g}x: out of reach"
+        return f"probe {probe.rule} {probe.knob} {probe.target:g}x: out of reach"
     speed = "" if probe.speedup is None else f", {probe.speedup:.2f}x faster"
     verdict = "within" if probe.within else "beyond"
     return (
-        f"probe {probe.rule} {probe.target:g}x: {probe.reduction:.2f}x fewer MACs{speed}, "
-        f"robust drop {probe.drop:+.1%}, clean drop {probe.clean_drop:+.1%} ({verdict})"
+        f"probe {probe.rule} {probe.knob} {probe.target:g}x: {probe.reduction:.2f}x fewer MACs"
+        f"{speed}, robust drop {probe.drop:+.1%}, clean drop {probe.clean_drop:+.1%} ({verdict})"
     )
 
 
