@@ -93,7 +93,7 @@ def main(argv: Sequence[str] = ()) -> int:
         work = Path(scratch)
         base = ConvertOptions(tune_batch=args.batch, tune_cache=work / "tune-cache.json")
         rows = [Row("original", Path(args.model))]
-        for label, changes, calibrated in ROWS:
+        for label, changes, calibrated in () if args.search_only else ROWS:
             rows.append(_converted(args.model, work, label, base, changes, calibrated, calib))
             print(f"[{time.perf_counter() - start:.0f} s] {label}: converted", file=sys.stderr)
         rows.append(_searched(args, work, base, calib))
@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     parser.add_argument("--max-robust-drop", type=float, default=GOAL_ROBUST_DROP)
     parser.add_argument("--json", help="write the rows here too")
+    parser.add_argument(
+        "--search-only", action="store_true", help="the original and the search's pick only"
+    )
     return parser
 
 
