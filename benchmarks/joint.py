@@ -87,7 +87,8 @@ def main(argv: Sequence[str] = ()) -> int:
         )
     )
     test = RobustnessCheck(_subset(load_dataset(args.test), args.limit, args.seed), attacks)
-    calib = RobustnessCheck(load_dataset(args.calib, args.calib_limit), attacks)
+    calib_data = _subset(load_dataset(args.calib), args.calib_limit, args.seed + 1)
+    calib = RobustnessCheck(calib_data, attacks)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gdws-joint-") as scratch:
         work = Path(scratch)
@@ -115,7 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", default="photos", help="held-out split, judged on")
     parser.add_argument("--calib", default="photos:train", help="split the search calibrates on")
     parser.add_argument("--limit", type=int, default=1000, help="held-out samples (seeded subset)")
-    parser.add_argument("--calib-limit", type=int, default=500, help="calibration samples")
+    parser.add_argument(
+        "--calib-limit", type=int, default=500, help="calibration samples (seeded subset)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out subset")
     parser.add_argument("--eps", default="8/255", help="l_inf budget (the model's training eps)")
     parser.add_argument("--step-size", default=None, help="PGD step [default: 2.5*eps/steps]")
@@ -131,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _subset(data: Dataset, limit: int, seed: int) -> Dataset:
-    """A seeded random subset: held-out files are often ordered by class."""
+    """A seeded random subset: data files are often ordered by class (the shared ones are)."""
     if limit >= len(data):
         return data
     picked = np.sort(np.random.default_rng(seed).permutation(len(data))[:limit])
