@@ -38,3 +38,20 @@ def test_limit_beyond_the_data_warns_once_and_uses_all(digits_32, tmp_path, caps
 def test_limit_within_the_data_says_nothing(capsys):
     assert len(load_dataset("digits", limit=32)) == 32
     assert capsys.readouterr().err == ""
+
+
+def test_limit_on_data_ordered_by_class_warns_that_classes_are_missing(tmp_path, capsys):
+    """The shared photo crops are stored class by class: --limit takes the first N, which
+    then hold a few classes only, and the user must hear it."""
+    path = tmp_path / "ordered.npz"
+    labels = np.repeat(np.arange(4), 5)
+    np.savez(path, x=np.zeros((20, 1, 4, 4), np.float32), y=labels)
+    assert len(load_dataset(f"npz:{path}", limit=10)) == 10
+    assert capsys.readouterr().err.splitlines() == [
+        f"--limit 10: the first 10 samples of npz:{path} hold only 2 of its 4 classes "
+        "(is it ordered by class?)"
+    ]
+    shuffled = tmp_path / "shuffled.npz"
+    np.savez(shuffled, x=np.zeros((20, 1, 4, 4), np.float32), y=np.tile(np.arange(4), 5))
+    assert len(load_dataset(f"npz:{shuffled}", limit=10)) == 10
+    assert capsys.readouterr().err == ""

@@ -55,7 +55,16 @@ class Dataset:
                 f"--limit {count} > {len(self)} samples in {self.name}: using all {len(self)}",
                 file=sys.stderr,
             )
-        return Dataset(self.name, self.x[:count], self.y[:count])
+        kept = Dataset(self.name, self.x[:count], self.y[:count])
+        classes, held = np.unique(self.y).size, np.unique(kept.y).size
+        ordered = bool(np.all(np.diff(kept.y) >= 0))
+        if ordered and held < min(classes, len(kept)):  # a file stored class by class
+            print(
+                f"--limit {count}: the first {len(kept)} samples of {self.name} hold only "
+                f"{held} of its {classes} classes (is it ordered by class?)",
+                file=sys.stderr,
+            )
+        return kept
 
     def batches(self, batch_size: int) -> Iterator[Arrays]:
         if batch_size < 1:
