@@ -14,12 +14,13 @@ from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.ir.graph import check_and_infer, load_model
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.decompose import SpectraCache
-from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
+from gdws_deploy.pipeline.calibrated import DropNotKeptError, _candidates, convert_calibrated
 from gdws_deploy.pipeline.operating_point import (
     RESOLUTION,
     TUNE_CACHE_NAME,
     check_max_drop,
     clean_budget,
+    knobs_for,
     search_operating_point,
 )
 from gdws_deploy.robustness.sensitivity import calibrate
@@ -248,3 +249,15 @@ def test_a_tuned_search_turns_the_speed_goal_and_keeps_the_fastest_probe(digits_
     if within:
         assert point.best.speedup == max(p.speedup for p in within)
     assert (tmp_path / TUNE_CACHE_NAME).exists()  # one tune cache for every probe
+
+
+def test_each_tuned_family_keeps_its_own_settings_after_calibration(digits_model):
+    """Calibration is shared by families measured alike, its products only: the speed-up
+    family must not inherit the other family's speed ratio (two speed goals at once)."""
+    candidates = _candidates(digits_model, quick_check(), ConvertOptions(tune="ort"))
+    assert [knob for _, knob in candidates] == list(knobs_for(ConvertOptions(tune="ort")))
+    for options, knob in candidates:
+        aimed = knob.options(options, 2.0)
+        aimed.describe_target()  # one valid target: raises on two speed goals
+        assert aimed.speed_ratio == dict(knob.fixed).get("speed_ratio")
+    assert len({id(options.spectra_cache) for options, _ in candidates}) == 1

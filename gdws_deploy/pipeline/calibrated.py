@@ -88,6 +88,10 @@ def convert_calibrated(
     return point, report, report.converted > 0
 
 
+# What calibration adds to options; a family's own target and settings stay its own.
+CALIBRATION_PRODUCTS = ("alphas", "loss_curves", "spectra_cache")
+
+
 def _candidates(
     model: Union[str, Path], check: RobustnessCheck, options: ConvertOptions
 ) -> List[Candidate]:
@@ -105,5 +109,6 @@ def _candidates(
                 calibrated[key] = calibrate(
                     model, check, ConvertOptions.of(aimed, spectra_cache=shared)
                 )
-            candidates.append((calibrated[key], knob))
+            products = {name: getattr(calibrated[key], name) for name in CALIBRATION_PRODUCTS}
+            candidates.append((ConvertOptions.of(options, allocation=rule, **products), knob))
     return candidates
