@@ -39,10 +39,20 @@ SLOW_WRITER = textwrap.dedent(
 )
 
 
+def default_hangups() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def interrupted_write(folder, signum: int) -> subprocess.CompletedProcess:
     """Run the slow writer, signal it once it is mid-write, and collect how it ended."""
     command = [sys.executable, "-c", SLOW_WRITER, str(folder / "model.onnx")]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_hangups,  # a run under nohup would hand its SIG_IGN down
+    )
     try:
         assert child.stdout.readline() == "writing\n", child.stderr.read()
         assert any(name.endswith(".tmp") for name in os.listdir(folder))
