@@ -101,7 +101,7 @@ def _candidates(
     calibrated: Dict[Tuple[str, bool], ConvertOptions] = {}
     candidates: List[Candidate] = []
     for knob in knobs_for(options):
-        for rule in search_rules(options):
+        for rule in search_rules(options, knob):
             aimed = knob.options(ConvertOptions.of(options, allocation=rule), knob.grid[0])
             key = (rule, aimed.has_speed_goal)
             if key not in calibrated:
