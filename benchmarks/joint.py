@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-robust-drop", type=float, default=GOAL_ROBUST_DROP)
     parser.add_argument("--json", help="write the rows here too")
     parser.add_argument(
+        "--allocation", default="auto", help="the search's --allocation (auto: every rule)"
+    )
+    parser.add_argument(
         "--search-only", action="store_true", help="the original and the search's pick only"
     )
     return parser
@@ -169,7 +172,7 @@ def _converted(
 def _searched(args: argparse.Namespace, work: Path, base: ConvertOptions, calib) -> Row:
     label = f"--max-robust-drop {args.max_robust_drop:g} --dataset CALIB --tune ort"
     path = work / "searched.onnx"
-    options = ConvertOptions.of(base, tune="ort", check_parity=False)
+    options = ConvertOptions.of(base, tune="ort", check_parity=False, allocation=args.allocation)
     try:
         point, report, _ = convert_calibrated(
             args.model, path, options, calib, args.max_robust_drop, on_probe=_said
