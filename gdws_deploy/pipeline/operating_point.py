@@ -167,7 +167,7 @@ def clean_budget(max_drop: float, max_clean_drop: Optional[float]) -> float:
 
 
 def search_operating_point(
-    model: Union[str, Path],
+    model: Union[str, Path, LoadedModel],
     max_drop: float,
     check: RobustnessCheck,
     workdir: Union[str, Path],
@@ -178,9 +178,10 @@ def search_operating_point(
     resolution: float = RESOLUTION,
     on_probe: Optional[Callable[[Probe], None]] = None,
 ) -> OperatingPoint:
-    """Search `model` for the fastest conversion whose robust drop under `check` stays
-    within `max_drop` and clean drop within `max_clean_drop` (default: clean_budget);
-    probe models are written to `workdir` (best.model is the answer).
+    """Search `model` (a path, or a LoadedModel a caller holds) for the fastest conversion
+    whose robust drop under `check` stays within `max_drop` and clean drop within
+    `max_clean_drop` (default: clean_budget); probe models are written to `workdir`
+    (best.model is the answer).
 
     candidates: (options, knob) pairs, each bracketed in turn: the options every probe of
     that family is converted with (calibrated for its rule) and the knob it turns; plain
@@ -195,7 +196,7 @@ def search_operating_point(
         raise GdwsError(f"search grid must rise from above 1, got {list(grid)}")
     if not resolution > 0:
         raise GdwsError(f"search resolution must be > 0, got {resolution}")
-    loaded = load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     baseline = check.evaluate(loaded.model)
     probes: List[Probe] = []
 
@@ -251,9 +252,10 @@ def convert_within_drop(
 
     check_max_drop(max_drop)
     check_output_path(output, source)
+    original = load_model(source)  # once: the search's source and the answer's `like`
     with tempfile.TemporaryDirectory(prefix="gdws-search-") as workdir:
         point = search_operating_point(
-            source,
+            original,
             max_drop,
             check,
             workdir,
@@ -264,7 +266,6 @@ def convert_within_drop(
         best = point.best
         report = None
         if best is not None:
-            original = load_model(source)
             chosen = onnx.load(best.model)
             report = best.report
             if _options(candidates).check_parity:
