@@ -8,7 +8,7 @@ fields too, so a calibrated conversion is just another ConvertOptions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -47,6 +47,9 @@ class ConvertOptions:
     time forms on), tune_batch, tune_cache (JSON of measured layer times).
     check_parity: run original and converted in onnxruntime and report the deviation.
     method: the compression pass (passes.registry: "gdws").
+    int8: quantize the pass's output to INT8 (QDQ, static) after it is written;
+    int8_calibration: the input samples (N, ...) float that static calibration runs on,
+    required with int8.
     """
 
     beta: Optional[float] = None
@@ -67,6 +70,9 @@ class ConvertOptions:
     tune_cache: Union[str, Path, None] = None
     check_parity: bool = True
     method: str = "gdws"
+    int8: bool = False
+    # an array compares elementwise and prints every sample: neither belongs in ==/repr
+    int8_calibration: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # globs arrive as lists from click and as tuples from code: one hashable form
