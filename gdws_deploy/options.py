@@ -47,6 +47,9 @@ class ConvertOptions:
     time forms on), tune_batch, tune_cache (JSON of measured layer times).
     check_parity: run original and converted in onnxruntime and report the deviation.
     method: the compression pass (passes.registry: "gdws").
+    ATMC (method "atmc"): rank_share (rank kept per layer, a share of full rank, instead of
+    a MAC target), sparsity (share of the layers' weights kept as a sparse residual, across
+    the model), bits (k-means weight sharing: 2^bits values per factor and layer).
     int8: quantize the pass's output to INT8 (QDQ, static) after it is written;
     int8_calibration: the input samples (N, ...) float that static calibration runs on,
     required with int8.
@@ -70,6 +73,9 @@ class ConvertOptions:
     tune_cache: Union[str, Path, None] = None
     check_parity: bool = True
     method: str = "gdws"
+    rank_share: Optional[float] = None
+    sparsity: Optional[float] = None
+    bits: Optional[int] = None
     int8: bool = False
     # an array compares elementwise and prints every sample: neither belongs in ==/repr
     int8_calibration: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
