@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Union
@@ -60,6 +62,39 @@ def atomic_open(output: PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a file for writing that appears at `output` only when closed without error."""
     with atomic_path(output) as tmp, open(tmp, mode) as handle:
         yield handle
+
+
+def existing_parent(out: PathLike) -> Path:
+    """The nearest folder above `out` that exists (a staging folder goes there)."""
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GdwsError(f"cannot create {out}: {parent} is not a folder")
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_folder(output: PathLike) -> Iterator[Path]:
+    """Yield a hidden sibling folder whose files become `output` only when the block succeeds.
+
+    A new `output` appears in one rename; into an existing folder each file is moved with
+    os.replace (each file whole; files already there stay). On failure the staging folder
+    is removed, so nothing is left behind.
+    """
+    out = Path(output)
+    stage = existing_parent(out) / f".{out.name}.partial-{secrets.token_hex(4)}"
+    stage.mkdir()
+    try:
+        yield stage
+        if out.exists():
+            for item in stage.iterdir():
+                os.replace(item, out / item.name)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _current_umask() -> int:

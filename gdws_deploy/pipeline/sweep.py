@@ -17,17 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
-from gdws_deploy.atomic import atomic_open, check_output_path
+from gdws_deploy.atomic import atomic_folder, atomic_open, check_output_path, existing_parent
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
@@ -91,7 +89,7 @@ def run_sweep(
     by_beta = betas is not None
     say(f"attacking original ({len(check.dataset)} samples)")
     original = check.evaluate(model)
-    with _staged(out) as stage, tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
+    with atomic_folder(out) as stage, tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
         paths = _output_paths(Path(model), stage, targets)
         options = _shared_tune_cache(options, Path(scratch))
         calibrated = options
@@ -202,7 +200,7 @@ def _check_output(
     if out.exists() and not out.is_dir():
         raise GdwsError(f"--out {out} exists and is not a folder")
     if not out.exists():
-        parent = _existing_parent(out)
+        parent = existing_parent(out)
         if not os.access(parent, os.W_OK):
             raise GdwsError(f"cannot create --out {out}: {parent} is not writable")
         return
@@ -217,38 +215,6 @@ def _check_output(
     ]:
         if path is not None:
             check_output_path(path, model)
-
-
-def _existing_parent(out: Path) -> Path:
-    """The nearest folder above `out` that exists (the staging folder goes there)."""
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise GdwsError(f"cannot create --out {out}: {parent} is not a folder")
-    return parent
-
-
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A hidden sibling folder whose files become `out` only when the block succeeds.
-
-    A new `out` appears in one rename; into an existing one each file is moved with
-    os.replace (each file whole; files of an earlier sweep stay). On failure the staging
-    folder is removed, so nothing is left behind.
-    """
-    stage = _existing_parent(out) / f".{out.name}.partial-{secrets.token_hex(4)}"
-    stage.mkdir()
-    try:
-        yield stage
-        if out.exists():
-            for item in stage.iterdir():
-                os.replace(item, out / item.name)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _published(point: SweepPoint, out: Path) -> SweepPoint:
