@@ -331,10 +331,10 @@ def _selection_reason(
 
 def _external(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """The tensors of `model` (subgraphs included) whose data live in external files."""
-    return (t for t in _tensors(model.graph) if external_data_helper.uses_external_data(t))
+    return (t for t in graph_tensors(model.graph) if external_data_helper.uses_external_data(t))
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+def graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Initializers and attribute tensors of `graph` and of its subgraphs."""
     yield from graph.initializer
     for node in graph.node:
@@ -343,7 +343,7 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
                 yield attr.t
             yield from attr.tensors
             for subgraph in [attr.g] if attr.HasField("g") else attr.graphs:
-                yield from _tensors(subgraph)
+                yield from graph_tensors(subgraph)
 
 
 def _constant_weights(model: onnx.ModelProto) -> Dict[str, TensorProto]:
