@@ -5,7 +5,7 @@ cross-entropy, DLR or targeted DLR loss and AutoAttack's step-size schedule (Cro
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -19,9 +19,11 @@ from gdws_deploy.robustness.attacks.geometry import (
 from gdws_deploy.robustness.attacks.losses import (
     LOSSES,
     BestSoFar,
+    MarginOf,
     Model,
     Objective,
     evaluate_loss,
+    margin,
     num_classes,
     over_targets,
     targeted_dlr_loss,
@@ -40,22 +42,29 @@ def pgd(
     eps: float = 8 / 255,
     steps: int = 10,
     step_size: Optional[float] = None,
-    loss: str = "ce",
+    loss: Union[str, Objective] = "ce",
     random_init: bool = True,
     sample_ids: Optional[torch.Tensor] = None,
     seed: int = 0,
     restart: int = 0,
+    margin_of: MarginOf = margin,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Projected gradient ascent on the loss: (lowest-margin iterates, their margins).
 
-    sample_ids (default 0..N-1), seed and restart pick each sample's random start.
+    loss: a name in LOSSES, or an objective on the model's output (its __name__ keys the
+    random stream); margin_of: what "lowest margin" means when the output is not one
+    logits tensor (a multi-exit model). sample_ids (default 0..N-1), seed and restart
+    pick each sample's random start.
     """
     step_size = 2.5 * eps / steps if step_size is None else step_size
-    rng = stream(f"pgd-{norm}-{loss}", x, sample_ids, seed, restart)
+    objective, label = (LOSSES[loss], loss) if isinstance(loss, str) else (loss, loss.__name__)
+    rng = stream(f"pgd-{norm}-{label}", x, sample_ids, seed, restart)
     delta = random_start(x, norm, eps, rng) if random_init else torch.zeros_like(x)
     best = BestSoFar(x)
     for step in range(steps + 1):
-        _, margins, grad = evaluate_loss(model, x + delta, y, LOSSES[loss], with_grad=step < steps)
+        _, margins, grad = evaluate_loss(
+            model, x + delta, y, objective, with_grad=step < steps, margin_of=margin_of
+        )
         best.offer(x + delta, margins)
         if grad is not None:
             delta = project(

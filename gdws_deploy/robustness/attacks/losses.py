@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the torch idiom)
@@ -13,6 +13,9 @@ from gdws_deploy.robustness.attacks.geometry import per_sample
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (model output, labels) -> per-sample margin (negative: broken); the output may be a tuple
+# (a multi-exit model's exits), the margin says what a verdict on it is
+MarginOf = Callable[[Any, torch.Tensor], torch.Tensor]
 # (index into the batch, target classes, sample ids, target rank) -> (inputs, margins)
 TargetedRun = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]
@@ -53,17 +56,19 @@ def evaluate_loss(
     y: torch.Tensor,
     objective: Objective,
     with_grad: bool = True,
+    margin_of: MarginOf = margin,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(per-sample objective, margin, input gradient of the summed objective)."""
     if not with_grad:
         with torch.no_grad():
             logits = model(x_adv)
-        return objective(logits, y), margin(logits, y), None
+        return objective(logits, y), margin_of(logits, y), None
     x_adv = x_adv.detach().requires_grad_(True)
     logits = model(x_adv)
     values = objective(logits, y)
     (grad,) = torch.autograd.grad(values.sum(), x_adv)
-    return values.detach(), margin(logits.detach(), y), grad
+    with torch.no_grad():
+        return values.detach(), margin_of(logits, y), grad
 
 
 def num_classes(model: Model, sample: torch.Tensor) -> int:
