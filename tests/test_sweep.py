@@ -21,8 +21,9 @@ from search_fixtures import quick_check
 from gdws_deploy.commands.sweep import sweep_command
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import check_and_infer, count_macs
+from gdws_deploy.pipeline.measure import count_parameters
 from gdws_deploy.pipeline.plot import sweep_figure
-from gdws_deploy.pipeline.sweep import count_parameters, run_sweep
+from gdws_deploy.pipeline.sweep import run_sweep
 from gdws_deploy.pipeline.sweep_result import BenchSettings
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.data import load_dataset

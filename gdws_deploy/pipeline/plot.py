@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from gdws_deploy.pipeline.sweep_result import SweepPoint, SweepResult
+    from gdws_deploy.pipeline.sweep_result import MeasuredPoint, SweepResult
 
 # kind -> (legend entry, marker, colour, size, label offset in points)
 STYLES = {
@@ -57,8 +57,8 @@ def save_sweep_plot(result: SweepResult, path: Union[str, Path]) -> Path:
 
 def _panel(
     axes: Axes,
-    points: Sequence[SweepPoint],
-    x_of: Callable[[SweepPoint], Optional[float]],
+    points: Sequence[MeasuredPoint],
+    x_of: Callable[[MeasuredPoint], Optional[float]],
     result: SweepResult,
 ) -> None:
     """Points of each kind, GDWS targets joined in order, every point labelled."""

@@ -14,7 +14,6 @@ succeeded; a failed or interrupted sweep leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import onnx
 
 from gdws_deploy.atomic import atomic_folder, atomic_open, check_output_path, existing_parent
 from gdws_deploy.errors import GdwsError
@@ -33,9 +31,10 @@ from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.allocation import resolve_allocation
 from gdws_deploy.passes.registry import pass_named
 from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
+from gdws_deploy.pipeline.measure import ModelToMeasure, measure_models
 from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop
 from gdws_deploy.pipeline.plot import save_sweep_plot
-from gdws_deploy.pipeline.sweep_result import BenchSettings, SweepPoint, SweepResult
+from gdws_deploy.pipeline.sweep_result import BenchSettings, MeasuredPoint, SweepResult
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 from gdws_deploy.speed.tuning import _fixed_batch as fixed_batch
@@ -96,7 +95,7 @@ def run_sweep(
         if pass_named(options.method).calibrates:
             say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
             calibrated = calibrate(analyzed, calibration, options, by_beta=by_beta)
-        models = [(Path(model), "original", "original", analyzed.total_macs, 1.0)]
+        models = [ModelToMeasure(Path(model), "original", "original", analyzed.total_macs, 1.0)]
         for (label, key, value), path in zip(targets, paths["targets"]):
             say(f"converting at {label}")
             models.append(
@@ -107,7 +106,7 @@ def run_sweep(
             search = calibrated if not by_beta else _for_search(options, calibrated)
             operating_point = _search(Path(model), max_robust_drop, calibration, search, paths, say)
             models.extend(_max_drop_entry(operating_point, paths["max-drop"]))
-        points = _measure(models, [original], check, bench, say)
+        points = measure_models(models, [original], check, bench, say)
         result = SweepResult(
             model=str(model),
             allocation="lego per layer"
@@ -136,23 +135,6 @@ def model_stem(model: Union[str, Path]) -> str:
     """The model's file name without .onnx, the prefix of everything the sweep writes."""
     name = Path(model).name
     return name[: -len(".onnx")] if name.endswith(".onnx") else name
-
-
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Floating-point weights stored in the graph (initializers), e.g. conv weights."""
-    floats = {
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16,
-    }
-    return int(
-        sum(
-            np.prod(t.dims, dtype=np.int64)
-            for t in model.graph.initializer
-            if t.data_type in floats
-        )
-    )
 
 
 def _targets(
@@ -217,7 +199,7 @@ def _check_output(
             check_output_path(path, model)
 
 
-def _published(point: SweepPoint, out: Path) -> SweepPoint:
+def _published(point: MeasuredPoint, out: Path) -> MeasuredPoint:
     """The point with its model file where the sweep folder puts it."""
     if point.kind == "original":
         return point
@@ -256,16 +238,15 @@ def _shared_tune_cache(options: ConvertOptions, scratch: Path) -> ConvertOptions
     return ConvertOptions.of(options, tune_cache=scratch / "tune-cache.json")
 
 
-# (model file, label, kind, MACs, reduction) of each model the sweep measures
-ModelEntry = Tuple[Path, str, str, int, float]
-
-
-def _convert(loaded: LoadedModel, path: Path, label: str, options: ConvertOptions) -> ModelEntry:
+def _convert(
+    loaded: LoadedModel, path: Path, label: str, options: ConvertOptions
+) -> ModelToMeasure:
     from gdws_deploy.pipeline.convert import convert
 
     converted, report = convert(loaded, options)
     save_model(converted, path, like=loaded)
-    return path, label, "target", report.macs_after, report.reduction
+    macs, reduction = report.macs_after, report.reduction
+    return ModelToMeasure(path, label, "target", macs, reduction, options.method)
 
 
 def _for_search(options: ConvertOptions, by_beta: ConvertOptions) -> ConvertOptions:
@@ -305,52 +286,10 @@ def _search(
     return point
 
 
-def _max_drop_entry(point: OperatingPoint, path: Path) -> List[ModelEntry]:
+def _max_drop_entry(point: OperatingPoint, path: Path) -> List[ModelToMeasure]:
     """The search's answer as a model to measure; none when no target kept the drop."""
     if point.best is None:
         return []
     best = point.best
     label = f"drop<={point.max_drop:.1%}: {best.reduction:.2f}x"
-    return [(path, label, "max-drop", best.macs, best.reduction)]
-
-
-def _measure(
-    models: Sequence[ModelEntry],
-    measured: Sequence[Any],
-    check: RobustnessCheck,
-    bench: BenchSettings,
-    say: Progress,
-) -> List[SweepPoint]:
-    """Accuracy of each model under `check` (`measured`: the first models' EvalReports,
-    already taken), then all of them timed interleaved."""
-    from gdws_deploy.runtime.benchmark import BenchOptions, benchmark_pair, throughput_ratio
-    from gdws_deploy.runtime.runner import OrtRunner
-
-    reports = list(measured)
-    for path, label, _, _, _ in models[len(reports) :]:
-        say(f"attacking {label} ({len(check.dataset)} samples)")
-        reports.append(check.evaluate(path))
-    say(f"timing {len(models)} models interleaved (batch {bench.batch})")
-    options = BenchOptions(duration_s=bench.duration_s, batch=bench.batch)
-    with contextlib.ExitStack() as stack:
-        runners = [stack.enter_context(OrtRunner(m[0], threads=bench.threads)) for m in models]
-        timings = benchmark_pair(runners, options, {}, bench.rounds)
-    base = timings[0].summary
-    points = []
-    for (path, label, kind, macs, reduction), report, timing in zip(models, reports, timings):
-        points.append(
-            SweepPoint(
-                label=label,
-                kind=kind,
-                model=str(path),
-                macs=macs,
-                reduction=reduction,
-                parameters=count_parameters(onnx.load(str(path), load_external_data=False)),
-                clean_acc=report.clean_acc,
-                robust_acc=report.robust_acc,
-                robust_ci95=tuple(report.robust_ci95),
-                images_per_s=timing.summary.images_per_s,
-                speedup=throughput_ratio(base, timing.summary),
-            )
-        )
-    return points
+    return [ModelToMeasure(path, label, "max-drop", best.macs, best.reduction, "gdws")]

@@ -1,4 +1,4 @@
-"""What a sweep measured: its points and the settings they were measured with.
+"""What a sweep or a comparison measured: its points and the settings they were measured with.
 
 Apart from the sweep that computes them, so that whatever shows a result (the plot, the
 CLI's tables) reads these types without importing the computation.
@@ -36,10 +36,11 @@ class BenchSettings:
 
 
 @dataclass(frozen=True)
-class SweepPoint:
-    """One model of the sweep. kind: original, target (a --mac-reductions or --betas
-    point) or max-drop (the --max-robust-drop answer); speedup: images/s over the
-    original's, measured in the same run."""
+class MeasuredPoint:
+    """One measured model (a sweep's or a comparison's row). kind: original, target (a
+    --mac-reductions or --betas point) or max-drop (the --max-robust-drop answer);
+    speedup: images/s over the original's, measured in the same run; size_bits: weight
+    storage as ATMC counts it (ir.size.weight_bits); method: the pass that made it."""
 
     label: str
     kind: str
@@ -52,6 +53,9 @@ class SweepPoint:
     robust_ci95: Tuple[float, float]
     images_per_s: Optional[float] = None
     speedup: Optional[float] = None
+    clean_ci95: Optional[Tuple[float, float]] = None
+    size_bits: Optional[int] = None
+    method: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,11 @@ class SweepResult:
     check: Dict[str, Any]
     calibration: Dict[str, Any]
     bench: BenchSettings
-    points: Tuple[SweepPoint, ...]
+    points: Tuple[MeasuredPoint, ...]
     operating_point: Optional[OperatingPoint] = None
 
     @property
-    def original(self) -> SweepPoint:
+    def original(self) -> MeasuredPoint:
         return self.points[0]
 
     def to_dict(self) -> Dict[str, Any]:
