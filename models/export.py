@@ -32,11 +32,13 @@ def export_onnx(
     path: Union[str, Path],
     input_shape: Tuple[int, ...] = (1, 3, 32, 32),
     opset: int = 17,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> Path:
-    """Write `module` (in eval mode) to `path` atomically, batch dimension dynamic."""
+    """Write `module` (in eval mode) to `path` atomically, batch dimension dynamic;
+    output_names name its outputs in order (a multi-exit model returns several)."""
     module = module.eval()
     example = torch.zeros(input_shape)
-    dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
     with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(
             module,
@@ -45,7 +47,7 @@ def export_onnx(
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(output_names),
             dynamic_axes=dynamic,
         )
     return Path(path)

@@ -5,7 +5,7 @@ checkpoints users bring (Conv -> BatchNormalization -> Relu chains, residual Add
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -163,6 +163,52 @@ def small_vgg(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
             width = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
     return nn.Sequential(*layers)
+
+
+class MultiExitVGG(nn.Module):
+    """small_vgg with an early exit after each of its first two stages (RDI-Nets, Hu et al.
+    2020): forward returns (exit_0, exit_1, final) logits.
+
+    Each exit head is a stride-2 3x3 conv (as wide as its stage), BN, ReLU, global average
+    pool and a linear layer: 0.59 M MACs each, so leaving at exit 0 costs 9 % of the whole
+    graph and at exit 1 58 %. The backbone is small_vgg's, layer for layer.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        stages, heads = [], []
+        width = in_channels
+        for index, stage in enumerate(SMALL_VGG_STAGES):
+            layers = [nn.MaxPool2d(2)] if index > 0 else []
+            for out_channels in stage:
+                conv = nn.Conv2d(width, out_channels, 3, padding=1, bias=False)
+                layers += [conv, nn.BatchNorm2d(out_channels), nn.ReLU()]
+                width = out_channels
+            stages.append(nn.Sequential(*layers))
+            head = [] if index == len(SMALL_VGG_STAGES) - 1 else _exit_head(width)
+            heads.append(nn.Sequential(*head, *_classifier(width, num_classes)))
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        exits = []
+        for stage, head in zip(self.stages, self.heads):
+            x = stage(x)
+            exits.append(head(x))
+        return tuple(exits)
+
+
+def _exit_head(width: int) -> List[nn.Module]:
+    conv = nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False)
+    return [conv, nn.BatchNorm2d(width), nn.ReLU()]
+
+
+def _classifier(width: int, num_classes: int) -> List[nn.Module]:
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+
+
+def multi_exit_vgg(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return MultiExitVGG(num_classes, in_channels)
 
 
 ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {

@@ -76,17 +76,40 @@ def load_split(dataset: str, split: str) -> Dataset:
     return Dataset(f"{data.name}@{IMAGE_SIZE}x{IMAGE_SIZE}", images.clamp(0, 1).numpy(), data.y)
 
 
-def build_model(recipe: Recipe, data: Dataset) -> nn.Module:
+def build_model(
+    recipe: Recipe, data: Dataset, architecture: Callable[..., nn.Module] = small_vgg
+) -> nn.Module:
     """The seeded, untrained network for `data`, its conv kernels scaled by init_scale."""
     torch.manual_seed(recipe.seed)
     classes = int(data.y.max()) + 1
-    model = small_vgg(num_classes=classes, in_channels=data.x.shape[1])
+    model = architecture(num_classes=classes, in_channels=data.x.shape[1])
     _scale_conv_init(model, recipe.init_scale)
     return model
 
 
-def train(recipe: Recipe, model: nn.Module, data: Dataset) -> nn.Module:
-    """PGD-AT: every step trains on PGD images made against the current model."""
+# (recipe, model, images, labels, their indices in the data, attack seed) -> the loss of
+# one training step
+BatchLoss = Callable[
+    [Recipe, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor
+]
+
+
+def pgd_at_loss(
+    recipe: Recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """PGD-AT (Madry et al.): the loss on PGD images made against the current model."""
+    attack = recipe.train_attack
+    x_adv, _ = pgd(
+        model, x, y, "linf", attack.eps, attack.steps, attack.step_size, "ce", True, ids, seed
+    )
+    return nn.functional.cross_entropy(model(x_adv), y)
+
+
+def train(
+    recipe: Recipe, model: nn.Module, data: Dataset, batch_loss: BatchLoss = pgd_at_loss
+) -> nn.Module:
+    """SGD (Nesterov) with a one-cycle schedule and random flips on `batch_loss`: PGD-AT
+    unless told otherwise."""
     gen = torch.Generator().manual_seed(recipe.seed)
     images, labels = torch.from_numpy(data.x), torch.from_numpy(data.y)
     optimizer = torch.optim.SGD(
@@ -100,25 +123,12 @@ def train(recipe: Recipe, model: nn.Module, data: Dataset) -> nn.Module:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, recipe.lr, total_steps=recipe.epochs * batches
     )
-    attack = recipe.train_attack
     model.train()
     for epoch in range(recipe.epochs):
         for batch in torch.randperm(len(labels), generator=gen).split(recipe.batch_size):
             x, y = _random_flip(images[batch], gen), labels[batch]
-            x_adv, _ = pgd(
-                model,
-                x,
-                y,
-                "linf",
-                attack.eps,
-                attack.steps,
-                attack.step_size,
-                "ce",
-                True,
-                batch,
-                int(torch.randint(1 << 62, (), generator=gen)),
-            )
-            loss = nn.functional.cross_entropy(model(x_adv), y)
+            seed = int(torch.randint(1 << 62, (), generator=gen))
+            loss = batch_loss(recipe, model, x, y, batch, seed)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
