@@ -11,7 +11,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Iterator, Sequence, Union
 
 from gdws_deploy.errors import GdwsError
 
@@ -62,6 +62,24 @@ def atomic_open(output: PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a file for writing that appears at `output` only when closed without error."""
     with atomic_path(output) as tmp, open(tmp, mode) as handle:
         yield handle
+
+
+def check_output_folder(output: PathLike, files: Sequence[PathLike], *inputs: PathLike) -> Path:
+    """Refuse early a folder output that cannot be written, or whose `files` (what will
+    be written into it) would overwrite an input."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise GdwsError(f"--out {out} exists and is not a folder")
+    if not out.exists():
+        parent = existing_parent(out)
+        if not os.access(parent, os.W_OK):
+            raise GdwsError(f"cannot create --out {out}: {parent} is not writable")
+        return out
+    if not os.access(out, os.W_OK):
+        raise GdwsError(f"--out {out} is not writable")
+    for path in files:
+        check_output_path(path, *inputs)
+    return out
 
 
 def existing_parent(out: PathLike) -> Path:

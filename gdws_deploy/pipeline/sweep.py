@@ -15,7 +15,6 @@ succeeded; a failed or interrupted sweep leaves nothing behind.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gdws_deploy.atomic import atomic_folder, atomic_open, check_output_path, existing_parent
+from gdws_deploy.atomic import atomic_folder, atomic_open, check_output_folder
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
@@ -72,13 +71,13 @@ def run_sweep(
     batch. Parity is not checked: the sweep measures accuracy instead.
     """
     say = progress or (lambda message: None)
-    targets = _targets(mac_reductions, betas)
+    targets = sweep_targets(mac_reductions, betas)
     options = ConvertOptions.of(convert_options, check_parity=False)
     resolve_allocation(options.allocation, has_curves=True)  # a bad name fails before any work
     if max_robust_drop is not None:
         check_max_drop(max_robust_drop)
     loaded = load_model(model)
-    bench = _bench_for(loaded, bench or BenchSettings())
+    bench = bench_for(loaded, bench or BenchSettings())
     if options.tune is not None and options.tune_batch is None:
         options = ConvertOptions.of(options, tune_batch=bench.batch)
     analyzed = _check_conversion(loaded, options)
@@ -90,7 +89,7 @@ def run_sweep(
     original = check.evaluate(model)
     with atomic_folder(out) as stage, tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
         paths = _output_paths(Path(model), stage, targets)
-        options = _shared_tune_cache(options, Path(scratch))
+        options = shared_tune_cache(options, Path(scratch))
         calibrated = options
         if pass_named(options.method).calibrates:
             say(f"calibrating on {len(calibration.dataset)} samples of {calibration.dataset.name}")
@@ -99,7 +98,7 @@ def run_sweep(
         for (label, key, value), path in zip(targets, paths["targets"]):
             say(f"converting at {label}")
             models.append(
-                _convert(loaded, path, label, ConvertOptions.of(calibrated, **{key: value}))
+                convert_to_file(loaded, path, label, ConvertOptions.of(calibrated, **{key: value}))
             )
         operating_point = None
         if max_robust_drop is not None:
@@ -137,7 +136,7 @@ def model_stem(model: Union[str, Path]) -> str:
     return name[: -len(".onnx")] if name.endswith(".onnx") else name
 
 
-def _targets(
+def sweep_targets(
     mac_reductions: Optional[Sequence[float]], betas: Optional[Sequence[float]]
 ) -> List[Tuple[str, str, float]]:
     """(label, convert option, value) per target; MAC reductions by default."""
@@ -177,26 +176,10 @@ def _output_paths(
 def _check_output(
     model: Path, out: Path, targets: Sequence[Tuple[str, str, float]], max_drop: bool
 ) -> None:
-    """--out is a folder or absent, its nearest existing parent writable, and no file the
-    sweep writes there is the input model."""
-    if out.exists() and not out.is_dir():
-        raise GdwsError(f"--out {out} exists and is not a folder")
-    if not out.exists():
-        parent = existing_parent(out)
-        if not os.access(parent, os.W_OK):
-            raise GdwsError(f"cannot create --out {out}: {parent} is not writable")
-        return
-    if not os.access(out, os.W_OK):
-        raise GdwsError(f"--out {out} is not writable")
+    """--out can become the sweep's folder and no file the sweep writes there is the input."""
     names = _output_paths(model, out, targets)
-    for path in [
-        *names["targets"],
-        names["max-drop"] if max_drop else None,
-        out / JSON_NAME,
-        out / PLOT_NAME,
-    ]:
-        if path is not None:
-            check_output_path(path, model)
+    files = [*names["targets"], *([names["max-drop"]] if max_drop else [])]
+    check_output_folder(out, [*files, out / JSON_NAME, out / PLOT_NAME], model)
 
 
 def _published(point: MeasuredPoint, out: Path) -> MeasuredPoint:
@@ -206,7 +189,7 @@ def _published(point: MeasuredPoint, out: Path) -> MeasuredPoint:
     return replace(point, model=str(out / Path(point.model).name))
 
 
-def _bench_for(loaded: LoadedModel, bench: BenchSettings) -> BenchSettings:
+def bench_for(loaded: LoadedModel, bench: BenchSettings) -> BenchSettings:
     """The bench settings for this model: a model exported with a fixed batch (torch's
     default) is timed at that batch; asking for another one is refused before any work."""
     bench.validate()
@@ -231,14 +214,14 @@ def _check_conversion(loaded: LoadedModel, options: ConvertOptions) -> AnalyzedM
     return analyzed
 
 
-def _shared_tune_cache(options: ConvertOptions, scratch: Path) -> ConvertOptions:
+def shared_tune_cache(options: ConvertOptions, scratch: Path) -> ConvertOptions:
     """With tuning on, one cache of layer timings for every conversion of the run."""
     if options.tune is None or options.tune_cache is not None:
         return options
     return ConvertOptions.of(options, tune_cache=scratch / "tune-cache.json")
 
 
-def _convert(
+def convert_to_file(
     loaded: LoadedModel, path: Path, label: str, options: ConvertOptions
 ) -> ModelToMeasure:
     from gdws_deploy.pipeline.convert import convert
