@@ -30,6 +30,7 @@ VERBS = {
     "alphas": "gdws_deploy.commands.alphas:alphas_command",
     "eval": "gdws_deploy.commands.eval:eval_command",
     "sweep": "gdws_deploy.commands.sweep:sweep_command",
+    "compare": "gdws_deploy.commands.compare:compare_command",
     "finetune": "gdws_deploy.commands.finetune:finetune_command",
     "exits": "gdws_deploy.commands.exits:exits_command",
 }
