@@ -11,8 +11,6 @@ from gdws_deploy.commands.args.base import ArgGroup, Flags
 if TYPE_CHECKING:
     from gdws_deploy.robustness.attacks import Attack
 
-STEPS = click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
-
 
 class AttackArgs(ArgGroup):
     """--attack, --eps, --steps, --step-size, --restarts, --targets, --queries -> the attacks,
@@ -73,30 +71,39 @@ class AttackArgs(ArgGroup):
 
 class PerturbationArgs(ArgGroup):
     """--attack pgd|none, --norm, --eps, --steps, --step-size -> one PGD attack, or None
-    (clean samples): what alphas are measured under."""
+    (clean samples): what alphas are measured under, and what finetune trains on (whose
+    --steps count training steps: `steps_flag` names the PGD iterations' flag)."""
 
-    options = (
-        click.option(
-            "--attack",
-            type=click.Choice(["pgd", "none"]),
-            default="pgd",
-            show_default=True,
-            help="Perturb the samples with PGD first, or use them clean.",
-        ),
-        click.option(
-            "--norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True
-        ),
-        click.option(
-            "--eps", default="8/255", show_default=True, help="PGD budget (fractions allowed)."
-        ),
-        STEPS,
-        click.option(
-            "--step-size", help="PGD step [default: 2.5*eps/steps, 2/255 for the defaults]."
-        ),
-    )
+    def __init__(self, steps_flag: str = "--steps") -> None:
+        self.steps_key = steps_flag.lstrip("-").replace("-", "_")
+        self.options = (
+            click.option(
+                "--attack",
+                type=click.Choice(["pgd", "none"]),
+                default="pgd",
+                show_default=True,
+                help="Perturb the samples with PGD first, or use them clean.",
+            ),
+            click.option(
+                "--norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True
+            ),
+            click.option(
+                "--eps", default="8/255", show_default=True, help="PGD budget (fractions allowed)."
+            ),
+            click.option(
+                steps_flag,
+                self.steps_key,
+                type=click.IntRange(min=1),
+                default=10,
+                show_default=True,
+                help="PGD iterations.",
+            ),
+            click.option(
+                "--step-size", help="PGD step [default: 2.5*eps/steps, 2/255 for the defaults]."
+            ),
+        )
 
-    @staticmethod
-    def build(flags: Flags) -> Optional[Attack]:
+    def build(self, flags: Flags) -> Optional[Attack]:
         from gdws_deploy.robustness.attacks import make_attacks, parse_fraction
 
         if flags["attack"] == "none":
@@ -104,5 +111,5 @@ class PerturbationArgs(ArgGroup):
         norm, step_size = flags["norm"], flags["step_size"]
         budget = {norm: parse_fraction(flags["eps"], "--eps")}
         step = {norm: parse_fraction(step_size, "--step-size")} if step_size else None
-        (attack,) = make_attacks(f"pgd-{norm}", budget, flags["steps"], step)
+        (attack,) = make_attacks(f"pgd-{norm}", budget, flags[self.steps_key], step)
         return attack
