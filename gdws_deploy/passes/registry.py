@@ -9,11 +9,16 @@ from __future__ import annotations
 from typing import Dict
 
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.passes.atmc.compression import AtmcPass
 from gdws_deploy.passes.base import CompressionPass
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gkp.compression import GkpPass
 
-PASSES: Dict[str, CompressionPass] = {GdwsPass.name: GdwsPass(), GkpPass.name: GkpPass()}
+PASSES: Dict[str, CompressionPass] = {
+    GdwsPass.name: GdwsPass(),
+    GkpPass.name: GkpPass(),
+    AtmcPass.name: AtmcPass(),
+}
 
 
 def pass_named(name: str) -> CompressionPass:
