@@ -25,7 +25,9 @@ AlphaSource = Union[str, Path, Mapping[str, np.ndarray], None]
 # What to time lowerings on: "ort", "trt", a speed.backends.Backend, or None (no tuning).
 TuneSource = Union[str, "Backend", None]
 # The targets, in the order they are described in a report.
-TARGETS = ("beta", "budget", "mac_reduction")
+TARGETS = ("beta", "budget", "mac_reduction", "rank_share")
+# The options only method "atmc" takes.
+ATMC_ONLY = ("rank_share", "sparsity", "bits")
 SPEED_GOALS = ("speedup", "speed_ratio")
 # The options that choose which layers are candidates at all.
 SELECTION = ("all_layers", "include", "exclude")
@@ -105,6 +107,9 @@ class ConvertOptions:
     def describe_target(self) -> str:
         """Check that exactly one target is given (a speed goal may join a MAC reduction)
         and that each value is in range; the target as a report names it."""
+        atmc = [name for name in ATMC_ONLY if getattr(self, name) is not None]
+        if atmc and self.method != "atmc":
+            raise GdwsError(f"{', '.join(atmc)}: method 'atmc' only, not {self.method!r}")
         given = {name: getattr(self, name) for name in TARGETS if getattr(self, name) is not None}
         goals = {
             name: getattr(self, name) for name in SPEED_GOALS if getattr(self, name) is not None
@@ -116,7 +121,8 @@ class ConvertOptions:
             raise GdwsError("a speed goal goes alone or with a MAC reduction, not beta/budget")
         if not goals and len(given) != 1:
             named = ", ".join(given) or "none"
-            raise GdwsError(f"give exactly one of beta, budget, mac_reduction (got {named})")
+            choices = ", ".join(TARGETS if self.method == "atmc" else TARGETS[:-1])
+            raise GdwsError(f"give exactly one of {choices} (got {named})")
         _check_targets(self.beta, self.budget, self.mac_reduction)
         return " ".join(f"{name}={value:g}" for name, value in {**given, **goals}.items())
 
