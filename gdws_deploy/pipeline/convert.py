@@ -21,6 +21,7 @@ from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
+from gdws_deploy.ir.size import weight_bits
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.base import CompressionPass, LayerOption, Progress, Stage
 from gdws_deploy.passes.gdws.compression import GdwsPass, layer_curves, option
@@ -66,7 +67,9 @@ class ConvertReport:
     whole converted model against the original there. notes: what else changed, one line
     each (an upgraded IR version). already_met: the original meets the target (a MAC
     reduction or speed-up of 1), so nothing was rewritten by design. method: the pass
-    (ConvertOptions.method).
+    (ConvertOptions.method). size_bits_before, size_bits_after: the models' weight
+    storage as ATMC counts it, non-zeros x bits (ir.size.weight_bits; 32 per non-zero of
+    a dense float32 model, fewer where k-means shared the values).
     """
 
     target: str
@@ -81,6 +84,8 @@ class ConvertReport:
     notes: Tuple[str, ...] = ()
     already_met: bool = False
     method: str = "gdws"
+    size_bits_before: Optional[int] = None
+    size_bits_after: Optional[int] = None
 
     @property
     def converted(self) -> int:
@@ -138,11 +143,13 @@ def convert(
             f"method {compression.name!r} has no lowerings: leave lowering and tune out"
         )
     analyzed = compression.select(analyze(model, opts.all_layers, opts.include, opts.exclude))
+    size = weight_bits(model)
     report = functools.partial(
         ConvertReport,
         target=target,
         method=compression.name,
         macs_before=analyzed.total_macs,
+        size_bits_before=size,
         lowering=opts.lowering,
         tuned=costs and costs.describe(),
     )
@@ -150,7 +157,9 @@ def convert(
         rows = [
             _row(compression, layer, None, None, "target already met") for layer in analyzed.convs
         ]
-        return model, report(layers=tuple(rows), macs_after=analyzed.total_macs, already_met=True)
+        whole = analyzed.total_macs
+        met = report(layers=tuple(rows), macs_after=whole, size_bits_after=size, already_met=True)
+        return model, met
     if not analyzed.eligible:
         raise compression.nothing_eligible(analyzed.convs, opts.include)
     opts = compression.prepare(analyzed, opts, progress=progress, stage=stage)
@@ -174,6 +183,7 @@ def convert(
         macs_after=analyzed.total_macs - sum(row.macs_before - row.macs_after for row in rows),
         allocation=opts.allocation if aimed else None,
         measured_speedup=measured,
+        size_bits_after=size if converted is model else weight_bits(converted),
     )
     if converted is model:
         return model, report
