@@ -1,4 +1,5 @@
-"""The sweep's picture: robust accuracy against throughput and against MACs.
+"""The pictures of a sweep and of a comparison: robust accuracy against throughput, and
+against MACs (sweep) or weight storage (compare).
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no display, no global
 state), so it renders the same on a headless server as on a laptop.
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from gdws_deploy.pipeline.compare import CompareResult
     from gdws_deploy.pipeline.sweep_result import MeasuredPoint, SweepResult
 
 # kind -> (legend entry, marker, colour, size, label offset in points)
@@ -23,6 +25,8 @@ STYLES = {
     "target": ("GDWS", "o", "tab:blue", 60, (6, 6)),
     "max-drop": ("max robust drop", "D", "tab:red", 80, (6, -12)),  # below: it sits among
 }
+# One colour per compared method, in --methods order.
+_METHOD_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 def sweep_figure(result: SweepResult) -> Figure:
@@ -44,11 +48,65 @@ def sweep_figure(result: SweepResult) -> Figure:
     return figure
 
 
+def compare_figure(result: CompareResult) -> Figure:
+    """Two panels sharing the y axis: robust accuracy (95 % interval as error bars) vs
+    images/s and vs weight storage, one colour per method, its targets joined in order."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.6), layout="constrained")
+    speed, size = figure.subplots(1, 2, sharey=True)
+    colours = iter(_METHOD_COLOURS)
+    groups = [("original", [result.original], "black", "*")]
+    for method in result.methods:
+        chosen = [p for p in result.points if p.method == method]
+        groups.append((method, chosen, next(colours), "o"))
+    for axes, x_of in (
+        (speed, lambda p: p.images_per_s),
+        (size, lambda p: p.size_bits / 8 / 1024),
+    ):
+        for name, points, colour, marker in groups:
+            xs = [x_of(p) for p in points]
+            ys = [100 * p.robust_acc for p in points]
+            low = [y - 100 * p.robust_ci95[0] for p, y in zip(points, ys)]
+            high = [100 * p.robust_ci95[1] - y for p, y in zip(points, ys)]
+            axes.errorbar(
+                xs,
+                ys,
+                yerr=[low, high],
+                color=colour,
+                marker=marker,
+                label=name,
+                linewidth=1,
+                capsize=2,
+                markersize=9 if marker == "*" else 5,
+            )
+        axes.grid(True, alpha=0.3)
+        axes.legend(loc="best", fontsize=8)
+    speed.set_xlabel(f"throughput (images/s, onnxruntime CPU, batch {result.bench.batch})")
+    size.set_xlabel("weight storage (KiB: non-zeros x bits)")
+    size.invert_xaxis()  # smaller to the right in both panels
+    speed.set_ylabel(f"robust accuracy (%), {_attack_text(result)}")
+    figure.suptitle(
+        f"{Path(result.model).name}: methods at "
+        f"{', '.join(f'{r:g}x' for r in result.mac_reductions)} fewer MACs, "
+        f"{result.check['samples']} samples of {result.check['dataset']}"
+    )
+    return figure
+
+
 def save_sweep_plot(result: SweepResult, path: Union[str, Path]) -> Path:
     """Render the sweep figure to a PNG at `path`, atomically."""
+    return _save(sweep_figure(result), path)
+
+
+def save_compare_plot(result: CompareResult, path: Union[str, Path]) -> Path:
+    """Render the comparison figure to a PNG at `path`, atomically."""
+    return _save(compare_figure(result), path)
+
+
+def _save(figure: Figure, path: Union[str, Path]) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    figure = sweep_figure(result)
     FigureCanvasAgg(figure)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
@@ -80,6 +138,6 @@ def _panel(
     axes.legend(loc="best", fontsize=8)
 
 
-def _attack_text(result: SweepResult) -> str:
+def _attack_text(result: Union[SweepResult, CompareResult]) -> str:
     attacks = result.check["attacks"]
     return ", ".join(f"{a['name']} eps {a['eps']:.3g} ({a['steps']} steps)" for a in attacks)

@@ -114,7 +114,7 @@ def run_sweep(
             check=check.describe(),
             calibration=calibration.describe(),
             bench=bench,
-            points=tuple(_published(point, out) for point in points),
+            points=tuple(published_in(point, out) for point in points),
             operating_point=operating_point,
         )
         write_sweep(result, stage)
@@ -182,8 +182,8 @@ def _check_output(
     check_output_folder(out, [*files, out / JSON_NAME, out / PLOT_NAME], model)
 
 
-def _published(point: MeasuredPoint, out: Path) -> MeasuredPoint:
-    """The point with its model file where the sweep folder puts it."""
+def published_in(point: MeasuredPoint, out: Path) -> MeasuredPoint:
+    """The point with its model file where the output folder `out` puts it."""
     if point.kind == "original":
         return point
     return replace(point, model=str(out / Path(point.model).name))
