@@ -38,6 +38,7 @@ DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
 )
 @CONVERT.method
 @CONVERT.target
+@CONVERT.atmc
 @click.option("--alphas", type=click.Path(path_type=Path), help="npz of channel weights per Conv.")
 @CONVERT.selection
 @click.option(
@@ -56,7 +57,7 @@ def convert_command(
     model: Path, output: Optional[Path], report_path: Optional[Path], **flags: Any
 ) -> None:
     """Rewrite the KxK convolutions of MODEL (ONNX) into GDWS form (or prune their kernels
-    in groups: --method gkp).
+    in groups: --method gkp; or factor their filter banks at low rank: --method atmc).
 
     Give one target: --beta, --budget, --mac-reduction, --speedup (with --tune; may join
     --mac-reduction; or --speed-ratio with it), or --max-robust-drop with --dataset. With

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gdws_deploy.commands.args.allocation import AllocationArgs
+from gdws_deploy.commands.args.atmc import AtmcArgs
 from gdws_deploy.commands.args.base import Flags
 from gdws_deploy.commands.args.method import MethodArgs
 from gdws_deploy.commands.args.selection import SelectionArgs
@@ -22,6 +23,7 @@ class ConvertArgs:
     def __init__(self) -> None:
         self.method = MethodArgs()
         self.target = TargetArgs()
+        self.atmc = AtmcArgs()
         self.speed_goal = SpeedGoalArgs()
         self.selection = SelectionArgs()
         self.tune = TuneArgs()
@@ -35,6 +37,7 @@ class ConvertArgs:
         options = self.method.apply(options, flags)
         options = self.speed_goal.apply(options, flags)
         options = self.target.apply(options, flags, default=not searched)
+        options = self.atmc.apply(options, flags)
         options = self.selection.apply(options, flags)
         options = self.tune.apply(options, flags)
         return self.allocation.apply(options, flags)

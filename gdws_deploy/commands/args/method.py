@@ -42,7 +42,9 @@ class MethodArgs(ArgGroup):
                 default="gdws",
                 show_default=True,
                 help="gdws: generalized depthwise-separable factors; gkp: grouped kernel "
-                "pruning (Zhong et al. 2023; one-shot, data-free; --mac-reduction only).",
+                "pruning (Zhong et al. 2023; one-shot, data-free; --mac-reduction only); atmc: "
+                "low-rank filter banks, optional sparse residual and k-means weight sharing "
+                "(Gui et al. 2019, post-training part; --mac-reduction or --rank-share).",
             ),
         )
 
@@ -53,7 +55,8 @@ class MethodArgs(ArgGroup):
 
         method = flags["method"]
         if method != "gdws":
+            takes = "--mac-reduction " + ("or --rank-share" if method == "atmc" else "only")
             for name, flag in GDWS_ONLY.items():
                 if name not in self.allowed and flags.get(name) not in (None, "auto"):
-                    raise GdwsError(f"--method {method} takes --mac-reduction only, not {flag}")
+                    raise GdwsError(f"--method {method} takes {takes}, not {flag}")
         return ConvertOptions.of(options, method=method)

@@ -8,6 +8,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# What a method other than GDWS writes in place of a Conv, for the untimed warning.
+_WRITTEN = {
+    "gkp": "grouped convs between Gathers",
+    "atmc": "each factored conv as a kxk conv of r filters then a 1x1 conv",
+}
+
 if TYPE_CHECKING:
     from gdws_deploy.options import ConvertOptions
     from gdws_deploy.pipeline.convert import ConvertReport
@@ -50,6 +56,11 @@ def totals(report: ConvertReport) -> str:
     )
     if report.measured_speedup is not None:
         text += f"\nmeasured {report.measured_speedup:.2f}x faster than MODEL on {report.tuned}"
+    if report.size_bits_before is not None and report.size_bits_after is not None:
+        text += (
+            f"\nweights {_bytes(report.size_bits_before)} -> {_bytes(report.size_bits_after)} "
+            "as ATMC counts them (non-zeros x bits)"
+        )
     return text
 
 
@@ -71,8 +82,25 @@ def warnings(
         )
     if rewritten and options.method != "gdws":
         errors.print(
-            f"[yellow]warning:[/] untimed: method {options.method} wrote grouped convs between "
-            "Gathers, which may run slower than MODEL; measure both with gdws-deploy bench",
+            f"[yellow]warning:[/] untimed: method {options.method} wrote "
+            f"{_WRITTEN.get(options.method, 'new convs')}, which may run slower than MODEL; "
+            "measure both with gdws-deploy bench",
+            soft_wrap=True,
+        )
+    if rewritten and options.sparsity:
+        errors.print(
+            "note: the sparse residual is a second Conv with mostly zero weights: onnxruntime "
+            "and TensorRT 8.5 (Xavier) compute it dense, so it saves model size, not time "
+            "(the MACs count it in full)",
+            markup=False,
+            soft_wrap=True,
+        )
+    if rewritten and options.bits is not None:
+        errors.print(
+            f"note: weight sharing left at most {2**options.bits} values per factor, stored as "
+            "float weights (the graph stays float); the size counts at most "
+            f"{options.bits} bits per weight, plus the shared values",
+            markup=False,
             soft_wrap=True,
         )
     elif rewritten and options.tune is None:
@@ -91,6 +119,10 @@ def warnings(
             f"{wanted:.2f}x asked (layer times measured in the whole model add up only roughly)",
             soft_wrap=True,
         )
+
+
+def _bytes(bits: int) -> str:
+    return f"{_macs(bits // 8)}B"
 
 
 def _speedup(speedup: Optional[float]) -> str:
