@@ -6,8 +6,8 @@ adversarial training (Madry et al. 2018) on the calibration split win back after
 aggressive cut (the training part of ATMC, Gui et al. 2019, in its simplest form). The
 pass's structure is kept: only the values of float weight initializers change; their
 names, shapes and types, every node, every integer or shape constant and BatchNorm's
-running statistics stay as they were, and an entry that is exactly zero (a pruned weight)
-stays exactly zero, so sparsity and kernel counts survive.
+running statistics stay as they were, and an entry that is exactly zero (a pruned weight;
+a bias too) stays exactly zero, so sparsity and kernel counts survive.
 
 Deterministic for a seed: batches come from a seeded permutation of the data, PGD's
 random starts from the attacks' per-sample hashing (seeded by sample id, seed and step),
@@ -295,7 +295,8 @@ def _train(
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
         for weight, mask in zip(weights, kept):
-            weight.grad.mul_(mask)
+            if weight.grad is not None:  # None: the weight does not reach the output
+                weight.grad.mul_(mask)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
