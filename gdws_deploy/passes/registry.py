@@ -13,11 +13,13 @@ from gdws_deploy.passes.atmc.compression import AtmcPass
 from gdws_deploy.passes.base import CompressionPass
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.passes.gkp.compression import GkpPass
+from gdws_deploy.passes.int8.compression import Int8Pass
 
 PASSES: Dict[str, CompressionPass] = {
     GdwsPass.name: GdwsPass(),
     GkpPass.name: GkpPass(),
     AtmcPass.name: AtmcPass(),
+    Int8Pass.name: Int8Pass(),
 }
 
 
