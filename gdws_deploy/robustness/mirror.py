@@ -741,6 +741,81 @@ def _reduce(info: NodeInfo) -> Compiled:
 
 
 # ----------------------------------------------------------------------------------------
+# Quantization: the QuantizeLinear / DequantizeLinear pairs of a QDQ (INT8) model, opset 13+.
+# A quantized tensor is carried as a float tensor of its integer values, so gradients reach
+# through it; the types a QDQ model quantizes to, and their ranges (saturation):
+_QUANTIZED_RANGES = {np.dtype(np.int8): (-128.0, 127.0), np.dtype(np.uint8): (0.0, 255.0)}
+
+
+def _along(value: Tensor, axis: int, rank: int) -> Tensor:
+    """A per-axis scale or zero point (1-D) shaped to broadcast along `axis` of a rank-`rank`
+    tensor; a per-tensor one (a scalar) as it is."""
+    if value.dim() == 0:
+        return value
+    return value.reshape(-1, *([1] * (rank - 1 - axis % rank)))
+
+
+def _quantized_type(info: NodeInfo) -> np.dtype:
+    """What QuantizeLinear quantizes to: output_dtype (opset 21), else its zero point's type,
+    else uint8 (the spec's default)."""
+    if info.attrs.get("block_size"):
+        raise GdwsError(f"mirror: blocked quantization in node {info.name!r} is not supported")
+    if info.attrs.get("output_dtype"):
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(int(info.attrs["output_dtype"])))
+    elif info.has_input(2):
+        zero_point = info.const(2)
+        if zero_point is None:
+            raise GdwsError(f"mirror: the zero point of node {info.name!r} is not a constant")
+        dtype = zero_point.dtype
+    else:
+        dtype = np.dtype(np.uint8)
+    if dtype not in _QUANTIZED_RANGES:
+        raise GdwsError(f"mirror: node {info.name!r} quantizes to {dtype}: int8 and uint8 only")
+    return dtype
+
+
+@_op("QuantizeLinear")
+def _quantize_linear(info: NodeInfo) -> Compiled:
+    """saturate(round(x / scale) + zero_point), rounding half to even as onnxruntime does.
+
+    Straight-through gradient: the rounding passes the gradient as the identity, the
+    saturation passes it where the rounded value lies in [qmin, qmax] and stops it where it
+    is clipped. Rounding's true gradient
+    is zero almost everywhere, which would blind every gradient attack (and overstate the
+    INT8 model's robustness); saturation's true gradient is zero outside the range, where
+    moving the input changes nothing.
+    """
+    low, high = _QUANTIZED_RANGES[_quantized_type(info)]
+    axis = int(info.attrs.get("axis", 1))
+
+    def quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None) -> Tensor:
+        scaled = x / _along(scale, axis, x.dim())
+        rounded = scaled + (torch.round(scaled) - scaled).detach()
+        if zero_point is not None:
+            rounded = rounded + _along(zero_point.to(rounded.dtype), axis, x.dim())
+        return torch.clamp(rounded, low, high)
+
+    return quantize
+
+
+@_op("DequantizeLinear")
+def _dequantize_linear(info: NodeInfo) -> Compiled:
+    """(x - zero_point) * scale in the scale's float type; x is an integer initializer (a
+    quantized weight or bias) or a QuantizeLinear output the mirror carries as float."""
+    if info.attrs.get("block_size"):
+        raise GdwsError(f"mirror: blocked quantization in node {info.name!r} is not supported")
+    axis = int(info.attrs.get("axis", 1))
+
+    def dequantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None) -> Tensor:
+        values = x.to(scale.dtype)
+        if zero_point is not None:
+            values = values - _along(zero_point.to(scale.dtype), axis, x.dim())
+        return values * _along(scale, axis, x.dim())
+
+    return dequantize
+
+
+# ----------------------------------------------------------------------------------------
 # Control flow
 
 
