@@ -346,3 +346,15 @@ def test_tensorrt_parser_accepts_every_stage(models, tmp_path, capsys):
         )
         assert done.returncode == 0, done.stderr
         assert "accepted:" in done.stdout
+
+
+def test_calibrated_convert_of_a_multi_exit_model_is_one_line_and_writes_nothing(
+    models, tmp_path, capsys
+):
+    output = tmp_path / "two.gdws.onnx"
+    result = run_cli(capsys, "convert", models["two"], "-o", output, "--mac-reduction", "1.5",
+                     "--dataset", "photos:train", "--limit", "16", "--steps", "1")  # fmt: skip
+    assert result.code == 2 and "Traceback" not in result.err  # after the progress line:
+    assert result.err.strip().splitlines()[-1].startswith("gdws-deploy: error: calibrating")
+    assert "one output, this one has 3" in result.err
+    assert not list(tmp_path.iterdir())

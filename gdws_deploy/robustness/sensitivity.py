@@ -155,6 +155,16 @@ def _analyzed(
     return GdwsPass().select(model)
 
 
+def _classes(logits: Any) -> int:
+    """The class count of the model's one output; a multi-exit model (several) is refused."""
+    if isinstance(logits, (tuple, list)):
+        raise GdwsError(
+            f"calibrating on data attacks a model with one output, this one has {len(logits)}: "
+            "convert a multi-exit model with a target alone, then `gdws-deploy exits calibrate`"
+        )
+    return int(logits.shape[1])
+
+
 def _attacked(
     target: Callable[[torch.Tensor], torch.Tensor],
     mirror: OnnxMirror,
@@ -166,7 +176,7 @@ def _attacked(
     with torch.no_grad():
         check.dataset.check_model(
             mirror.input_shapes[0],
-            lambda sample: target(torch.from_numpy(sample).to(device)).shape[1],
+            lambda sample: _classes(target(torch.from_numpy(sample).to(device))),
         )
     batches = []
     for start, (x_batch, y_batch) in zip(
