@@ -42,8 +42,7 @@ def allocate_ranks(
     need = total_macs - total_macs / reduction
     if need <= 0:
         return np.zeros(top.size, dtype=np.int64)
-    shares = [s.astype(np.float64) ** 2 / max(float((s.astype(np.float64) ** 2).sum()), 1e-300)
-              for s in spectra]  # fmt: skip
+    shares = [_energy_shares(s) for s in spectra]
     # Step j of layer l: j = 0 factors it at rank top, j >= 1 drops rank top - j + 1.
     energy = np.concatenate([np.r_[e[n:].sum(), e[1:n][::-1]] for e, n in zip(shares, top)])
     owner = np.repeat(np.arange(top.size), top)
@@ -64,6 +63,13 @@ def allocate_ranks(
     short = need - (saved[last - 1] if last else 0.0)
     taken = _closing(taken, owner, depth, saving, energy, short)
     return np.where(taken > 0, top - taken + 1, 0)
+
+
+def _energy_shares(singular: np.ndarray) -> np.ndarray:
+    """Each singular value's share of the layer's energy (all 0 for a zero weight)."""
+    energy = singular.astype(np.float64) ** 2
+    total = energy.sum()
+    return energy / total if total > 0 else energy
 
 
 def _closing(
