@@ -170,8 +170,9 @@ class MultiExitVGG(nn.Module):
     2020): forward returns (exit_0, exit_1, final) logits.
 
     Each exit head is a stride-2 3x3 conv (as wide as its stage), BN, ReLU, global average
-    pool and a linear layer: 0.59 M MACs each, so leaving at exit 0 costs 9 % of the whole
-    graph and at exit 1 58 %. The backbone is small_vgg's, layer for layer.
+    pool and a linear layer: 0.59 M MACs each, so leaving at exit 0 costs 10 % of the
+    single-pass model's 7.2 M MACs, at exit 1 67 %, at final 116 % (every head run). The
+    backbone is small_vgg's, layer for layer.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:

@@ -1,0 +1,209 @@
+"""Adversarial training of the bundled multi-exit model (RDI-Nets), reproducibly, on 2 cores.
+
+models.networks.multi_exit_vgg (small_vgg with exits after stages 1 and 2) trained with
+the objective of Hu et al. (ICLR 2020, "Triple Wins"): each step crafts l_inf PGD images
+against the weighted sum of the exits' losses, sum_k w_k CE(exit_k), and trains on
+sum_k w_k [(1 - a) CE(exit_k(x)) + a CE(exit_k(x_adv))] -- clean and adversarial, every
+exit (the paper's code: w_k = 1, a = 1/2). Everything else is the bundled model's recipe
+(models/train_robust.py): optimizer, one-cycle schedule, flips, the 0.1x conv start.
+Exported with outputs exit_0, exit_1, final; the JSON record beside it holds, per exit,
+clean and PGD robust accuracy on the test split (each exit attacked and judged as a
+classifier of its own) and the cumulative MACs to reach it.
+
+    python models/train_multi_exit.py              # models/multi_exit_photos.onnx + .json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, Sequence, Tuple
+
+import onnx
+import torch
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gdws_deploy.atomic import atomic_open, check_output_path
+from gdws_deploy.errors import GdwsError
+from gdws_deploy.exits.split import split_model
+from gdws_deploy.passes.gdws.spectra import onnx_conv_spectra
+from gdws_deploy.robustness.attacks import pgd
+from gdws_deploy.robustness.evaluate import evaluate
+from gdws_deploy.robustness.exit_attacks import (
+    exit_cross_entropies,
+    exit_view,
+    weighted_exit_loss,
+)
+from models.export import export_onnx
+from models.networks import multi_exit_vgg
+from models.train_robust import (
+    Recipe,
+    build_model,
+    conv_kernels,
+    init_overlap,
+    load_split,
+    recipe_from_args,
+    run_script,
+    train,
+)
+
+OUTPUTS = ("exit_0", "exit_1", "final")
+
+
+@dataclass(frozen=True)
+class MultiExitRecipe(Recipe):
+    """The single-exit recipe plus the weight of each exit's loss and the share of the
+    adversarial term (the rest is the clean term)."""
+
+    exit_weights: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    adversarial_share: float = 0.5
+
+
+def rdi_loss(
+    recipe: MultiExitRecipe,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ids: torch.Tensor,
+    seed: int,
+) -> torch.Tensor:
+    """One RDI-Nets step: PGD against the weighted exit loss, then the weighted exit loss
+    on clean and adversarial images (separate passes, as the paper's code)."""
+    attack, objective = recipe.train_attack, weighted_exit_loss(recipe.exit_weights)
+    x_adv, _ = pgd(
+        model,
+        x,
+        y,
+        "linf",
+        attack.eps,
+        attack.steps,
+        attack.step_size,
+        objective,
+        True,
+        ids,
+        seed,
+        # keep the iterate with the highest training objective
+        margin_of=lambda exits, labels: -objective(exits, labels),
+    )
+    weights = torch.tensor(recipe.exit_weights)
+    clean = exit_cross_entropies(model(x), y).mean(0) @ weights
+    adversarial = exit_cross_entropies(model(x_adv), y).mean(0) @ weights
+    share = recipe.adversarial_share
+    return (1 - share) * clean + share * adversarial
+
+
+def run(recipe: MultiExitRecipe, output: Path) -> Dict[str, object]:
+    """Train, export to `output`, measure every exit, write the JSON record beside it."""
+    torch.set_num_threads(recipe.threads)
+    train_data, test_data = load_split(recipe.dataset, "train"), load_split(recipe.dataset, "test")
+    load_before = os.getloadavg()[0]
+    model = build_model(recipe, train_data, multi_exit_vgg)
+    initial = conv_kernels(model)
+    start = time.perf_counter()
+    train(recipe, model, train_data, rdi_loss)
+    train_seconds = time.perf_counter() - start
+    load_after = os.getloadavg()[0]
+    input_shape = (1, *test_data.x.shape[1:])
+    export_onnx(model, output, input_shape, output_names=OUTPUTS)
+    exported = onnx.load(str(output))
+    policy = split_model(exported).policy
+    exits = []
+    for name, cumulative in zip(OUTPUTS, policy.stage_macs):
+        report = evaluate(
+            exit_view(exported, name), test_data, [recipe.eval_attack], seed=recipe.seed
+        )
+        exits.append(
+            {
+                "output": name,
+                "macs": cumulative,
+                "macs_share": round(cumulative / policy.full_macs, 4),
+                **{k: v for k, v in report.to_dict().items() if k not in ("model", "attacks")},
+            }
+        )
+    record = {
+        "model": output.name,
+        "architecture": "models.networks.multi_exit_vgg",
+        "input_shape": ["batch", *input_shape[1:]],
+        "input_range": [0.0, 1.0],
+        "classes": int(train_data.y.max()) + 1,
+        "outputs": list(OUTPUTS),
+        "dataset": {
+            "train": train_data.name,
+            "test": test_data.name,
+            "train_samples": len(train_data),
+            "test_samples": len(test_data),
+        },
+        # MACs at batch 1: to reach each exit (heads of earlier exits included), and of the
+        # single-pass model (final alone), which macs_share is a share of.
+        "full_macs": policy.full_macs,
+        # Each exit attacked (PGD on its own loss) and judged (onnxruntime) on its own.
+        "exits": exits,
+        "recipe": asdict(recipe),
+        "kernel_spectra": onnx_conv_spectra(exported),
+        "init_overlap": init_overlap(conv_kernels(model), initial),
+        "train_seconds": round(train_seconds, 1),
+        "load_average": {"train_start": load_before, "train_end": load_after},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+    }
+    with atomic_open(output.with_suffix(".json")) as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+    return record
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", default=None, help="ONNX path; JSON goes beside it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--init-scale", type=float, default=0.1, help="conv init multiplier")
+    parser.add_argument("--eps", type=float, default=4.0, help="l_inf radius in 1/255 units")
+    parser.add_argument("--train-steps", type=int, default=5, help="PGD steps per batch")
+    parser.add_argument("--eval-steps", type=int, default=50, help="PGD steps when measuring")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--exit-weights", default="1,1,1", help="loss weight of exit_0, exit_1, final"
+    )
+    parser.add_argument("--adversarial-share", type=float, default=0.5)
+    args = parser.parse_args(list(argv) or None)
+    args.dataset = "photos"
+    output = Path(args.output or Path(__file__).parent / "multi_exit_photos.onnx")
+    check_output_path(output)
+    check_output_path(output.with_suffix(".json"))
+    weights = tuple(float(w) for w in args.exit_weights.split(","))
+    if len(weights) != len(OUTPUTS):
+        raise GdwsError(f"--exit-weights needs {len(OUTPUTS)} numbers, got {args.exit_weights}")
+    base = recipe_from_args(args)
+    recipe = MultiExitRecipe(
+        **{field.name: getattr(base, field.name) for field in fields(base)},
+        exit_weights=weights,
+        adversarial_share=args.adversarial_share,
+    )
+    record = run(recipe, output)
+    for entry in record["exits"]:
+        print(
+            f"{entry['output']}: {entry['macs']} MACs ({entry['macs_share']:.0%}) "
+            f"clean {entry['clean_acc']:.4f} robust {entry['robust_acc']:.4f}"
+        )
+    print(f"train {record['train_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main, Path(__file__).name)
