@@ -230,6 +230,7 @@ def test_model_without_float_weights_is_refused(digits):
         ({"lr": 0.0}, "learning rate"),
         ({"momentum": 1.0}, "momentum"),
         ({"clean_share": 1.5}, "clean share"),
+        ({"clean_share": 0.5, "attack": None}, "give one"),
         ({"attack": make_attacks("apgd-ce")[0]}, "PGD"),
     ],
 )
@@ -295,3 +296,14 @@ def test_a_weight_that_never_reaches_the_output_is_left_as_it_was(digits):
     tuned, report = finetune(model, digits, FinetuneOptions(steps=2, batch_size=16))
     assert "dead.w" in report.tensors
     assert values(tuned)["dead.w"].tobytes() == dead.raw_data
+
+
+def test_clean_share_one_trains_as_clean_training_does(digits):
+    model = classifier()
+    clean, _ = finetune(model, digits, FinetuneOptions(steps=3, batch_size=32, attack=None))
+    mixed, _ = finetune(
+        model, digits, FinetuneOptions(steps=3, batch_size=32, attack=PGD, clean_share=1.0)
+    )
+    adversarial, _ = finetune(model, digits, FinetuneOptions(steps=3, batch_size=32, attack=PGD))
+    assert mixed.SerializeToString() == clean.SerializeToString()
+    assert adversarial.SerializeToString() != clean.SerializeToString()

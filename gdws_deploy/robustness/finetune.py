@@ -34,6 +34,7 @@ from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
 from gdws_deploy.robustness.attacks import Attack, make_attacks, pgd, with_normalization
 from gdws_deploy.robustness.data import Dataset
 from gdws_deploy.robustness.device import resolve_device
+from gdws_deploy.robustness.evaluate import IN_MEMORY
 from gdws_deploy.robustness.mirror import OnnxMirror
 
 ModelSource = Union[str, Path, onnx.ModelProto, LoadedModel]
@@ -113,6 +114,8 @@ class FinetuneOptions:
             raise GdwsError(f"weight decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.clean_share <= 1:
             raise GdwsError(f"clean share must be in [0, 1], got {self.clean_share}")
+        if self.attack is None and self.clean_share > 0:
+            raise GdwsError("clean share weighs the clean loss against an attack's: give one")
         if self.attack is not None and self.attack.method != "pgd":
             raise GdwsError(f"fine-tuning perturbs with PGD, not {self.attack.name}")
 
@@ -212,7 +215,7 @@ def finetune(
     values = {name: weight.detach().cpu().numpy() for name, weight in zip(names, weights)}
     tuned = _with_values(loaded.model, values)
     report = FinetuneReport(
-        model=str(loaded.path) if loaded.path is not None else "(in memory)",
+        model=str(loaded.path) if loaded.path is not None else IN_MEMORY,
         dataset=dataset.name,
         options=options,
         tensors=tuple(names),
