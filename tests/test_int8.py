@@ -3,6 +3,7 @@ mirror, the pipeline's --int8 and --method int8, and eval on an INT8 model."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,166 @@ def test_gradients_reach_the_input_through_every_quantize_dequantize(bundled_int
     per_sample = x.grad.abs().flatten(1).sum(1)
     assert bool((per_sample > 0).all())
     assert float((x.grad != 0).float().mean()) > 0.5
+
+
+def float_weights_only(qdq: onnx.ModelProto) -> tuple:
+    """The QDQ model with every activation's QuantizeLinear -> DequantizeLinear replaced by
+    an Identity (its weights stay rounded), and {Identity name: that activation's scale}."""
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    weights = {tensor.name for tensor in model.graph.initializer}
+    scales = {t.name: float(numpy_helper.to_array(t).max()) for t in model.graph.initializer}
+    quantized = {
+        node.output[0]: node for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and node.input[0] not in weights
+    }  # fmt: skip
+    nodes, steps = [], {}
+    for node in model.graph.node:
+        if node.output[0] in quantized:
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in quantized:
+            source = quantized[node.input[0]]
+            name = f"{node.output[0]}/exact"
+            nodes.append(helper.make_node("Identity", [source.input[0]], node.output, name))
+            steps[name] = scales[source.input[1]]
+            continue
+        nodes.append(node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    return model, steps
+
+
+def rounding_bounds(qdq: onnx.ModelProto, x: np.ndarray) -> tuple:
+    """The logits with INT8 weights and exact activations, and two bounds on how far
+    rounding the activations moves each logit, to first order. Activation t is rounded by
+    e_t with |e_t| <= s_t / 2 (its step), so |d logit_k| <= sum_t s_t / 2 * ||g_kt||_1,
+    g_kt = d logit_k / d t: the worst case, every rounding aligned. As independent noise
+    uniform in [-s_t / 2, s_t / 2] (variance s_t^2 / 12), d logit_k has the standard
+    deviation sqrt(sum_t s_t^2 / 12 * ||g_kt||_2^2)."""
+    model, steps = float_weights_only(qdq)
+    mirror = OnnxMirror(model)
+    inputs = torch.from_numpy(x).requires_grad_(True)  # the input is quantized too
+    with mirror.recording(list(steps)) as records:
+        logits = mirror(inputs)
+    activations = {name: records[name][1][0] for name in steps}
+    for tensor in activations.values():
+        tensor.retain_grad()
+    worst, variance = np.zeros(logits.shape), np.zeros(logits.shape)
+    for k in range(logits.shape[1]):
+        for tensor in activations.values():
+            tensor.grad = None
+        logits[:, k].sum().backward(retain_graph=True)  # samples are independent
+        for name, tensor in activations.items():
+            grad = tensor.grad.flatten(1).double()
+            worst[:, k] += steps[name] / 2 * grad.abs().sum(1).numpy()
+            variance[:, k] += steps[name] ** 2 / 12 * (grad**2).sum(1).numpy()
+    return logits.detach().numpy(), worst, np.sqrt(variance)
+
+
+def test_int8_logits_stay_within_the_rounding_bounds_and_keep_clear_classes(
+    bundled_int8, calibration
+):
+    """On calibration inputs (inside every calibrated range: nothing saturates), INT8
+    logits = float logits + what rounding the weights moved (exact: the model with INT8
+    weights, float activations) + what rounding the activations moved: within the
+    first-order worst case, and within 6 standard deviations of the noise model (the
+    deployed int8 kernels' one-step requantization gaps included). A sample whose float
+    margin exceeds twice that keeps its class."""
+    original = onnx.load(str(BUNDLED))
+    x = calibration[:128]
+    expected = run_ort(original, {"input": x})[0]
+    actual = run_ort(bundled_int8, {"input": x})[0]
+    rounded_weights, worst, deviation = rounding_bounds(bundled_int8, x)
+    weights_moved = np.abs(rounded_weights - expected)
+    assert np.all(np.abs(actual - expected) <= weights_moved + worst)
+    assert np.all(np.abs(actual - rounded_weights) <= 6 * deviation)
+    ordered = np.sort(expected, axis=1)
+    clear = ordered[:, -1] - ordered[:, -2] > 2 * (weights_moved + 6 * deviation).max(axis=1)
+    assert clear.mean() > 0.5  # the bound says something
+    assert np.all(actual[clear].argmax(1) == expected[clear].argmax(1))
+
+
+def test_int8_top1_agrees_with_the_float_model_on_the_test_split(bundled_int8):
+    x = load_dataset("photos").x[:500]
+    float_top1 = run_ort(onnx.load(str(BUNDLED)), {"input": x})[0].argmax(1)
+    assert np.mean(run_ort(bundled_int8, {"input": x})[0].argmax(1) == float_top1) >= 0.97
+
+
+def test_method_int8_writes_a_checker_valid_symmetric_qdq_model(tmp_path, calibration):
+    from gdws_deploy.pipeline.convert import convert_file
+
+    output = tmp_path / "photos.int8.onnx"
+    report, rewritten = convert_file(BUNDLED, output, method="int8", int8_calibration=calibration)
+    assert report.int8 and not rewritten and report.macs_after == report.macs_before
+    assert report.int8_deviation.samples == CALIBRATION_SAMPLES
+    assert report.int8_deviation.top1_agreement >= 0.95
+    onnx.checker.check_model(str(output), full_check=True)
+    model = onnx.load(str(output))
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantizers = [node for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    for node in quantizers:  # TensorRT: signed int8, zero point 0
+        zero = initializers[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any()
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    for conv in convs:  # weights: float, per output channel, behind their own Q/DQ pair
+        dequantize = next(n for n in model.graph.node if conv.input[1] in n.output)
+        quantize = next(n for n in model.graph.node if dequantize.input[0] in n.output)
+        weight, scale = initializers[quantize.input[0]], initializers[quantize.input[1]]
+        assert weight.dtype == np.float32 and scale.shape == (weight.shape[0],)
+    logits = run_ort(model, {"input": calibration[:8]})[0]
+    assert logits.shape == (8, 10) and np.all(np.isfinite(logits))
+
+
+def test_int8_after_gdws_quantizes_the_rewritten_model(calibration):
+    from gdws_deploy.pipeline.convert import convert
+
+    model, report = convert(BUNDLED, mac_reduction=2, int8=True, int8_calibration=calibration)
+    assert report.int8 and report.converted > 0 and 2 <= report.reduction <= 2.02
+    assert report.parity is not None and report.parity < 0.05  # the float rewrite's own
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Conv") > 5 and "QuantizeLinear" in ops  # GDWS's convs, quantized
+    assert report.int8_deviation.top1_agreement >= 0.95
+    assert report.to_dict()["int8_deviation"]["samples"] == CALIBRATION_SAMPLES
+
+
+def two_input_model() -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in "ab"]
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "two", inputs, [output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("changes", "samples", "fragment"),
+    [
+        ({"int8": True}, None, "INT8 quantization needs calibration samples"),
+        ({"mac_reduction": 2}, lambda x: x, "ask for int8 too"),
+        ({"method": "int8", "mac_reduction": 2}, lambda x: x, "no target (got mac_reduction)"),
+        ({"method": "int8"}, lambda x: x[:, :, :16], "do not fit the input"),
+        ({"method": "int8"}, lambda x: x[0], "the model takes 4-D batches"),
+        ({"method": "int8"}, lambda x: x[:0], "at least one sample is needed"),
+        ({"method": "int8"}, lambda x: x.astype(int), "must be a float array"),
+        ({"method": "int8"}, lambda x: x * np.nan, "NaN or infinite"),
+    ],
+)
+def test_bad_int8_options_are_one_line_errors_and_write_nothing(
+    tmp_path, calibration, changes, samples, fragment
+):
+    from gdws_deploy.errors import GdwsError
+    from gdws_deploy.pipeline.convert import convert_file
+
+    given = None if samples is None else samples(calibration)
+    with pytest.raises(GdwsError, match=re.escape(fragment)) as raised:
+        convert_file(BUNDLED, tmp_path / "out.onnx", int8_calibration=given, **changes)
+    assert "\n" not in str(raised.value) and not list(tmp_path.iterdir())
+
+
+def test_a_quantized_or_two_input_model_is_refused_in_one_line(tmp_path, bundled_int8):
+    from gdws_deploy.errors import GdwsError
+    from gdws_deploy.pipeline.convert import convert
+
+    samples = np.zeros((4, 1, 32, 32), np.float32)
+    with pytest.raises(GdwsError, match=re.escape("quantized already (QuantizeLinear nodes)")):
+        convert(bundled_int8, method="int8", int8_calibration=samples)
+    with pytest.raises(GdwsError, match="INT8 calibration feeds one input; the model has 2"):
+        convert(two_input_model(), method="int8", int8_calibration=samples)

@@ -22,12 +22,14 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir import graph as onnx_graph
 from gdws_deploy.ir.analyze import AnalyzedModel, analyze
 from gdws_deploy.ir.size import weight_bits
-from gdws_deploy.options import ConvertOptions
+from gdws_deploy.options import SPEED_GOALS, TARGETS, ConvertOptions
 from gdws_deploy.passes.base import CompressionPass, LayerOption, Progress, Stage
 from gdws_deploy.passes.gdws.compression import GdwsPass, layer_curves, option
+from gdws_deploy.passes.int8 import QUANTIZE_ONLY
 from gdws_deploy.passes.registry import pass_named
 
 if TYPE_CHECKING:
+    from gdws_deploy.passes.int8.quantize import Int8Deviation
     from gdws_deploy.speed.cost_model import CostModel
     from gdws_deploy.speed.goals import SpeedGoal
     from gdws_deploy.speed.tuning import Choice
@@ -69,7 +71,9 @@ class ConvertReport:
     reduction or speed-up of 1), so nothing was rewritten by design. method: the pass
     (ConvertOptions.method). size_bits_before, size_bits_after: the models' weight
     storage as ATMC counts it, non-zeros x bits (ir.size.weight_bits; 32 per non-zero of
-    a dense float32 model, fewer where k-means shared the values).
+    a dense float32 model, fewer where k-means shared the values). int8: the model was
+    then quantized to INT8 (QDQ); int8_deviation: how far its outputs are from the
+    original's in onnxruntime on the calibration samples (None with parity checks off).
     """
 
     target: str
@@ -86,6 +90,8 @@ class ConvertReport:
     method: str = "gdws"
     size_bits_before: Optional[int] = None
     size_bits_after: Optional[int] = None
+    int8: bool = False
+    int8_deviation: Optional[Int8Deviation] = None
 
     @property
     def converted(self) -> int:
@@ -122,14 +128,33 @@ def convert(
     nothing); when no Conv is eligible at all, GdwsError says why. At beta = 0, parity worse
     than 1e-4 raises. With a MAC-reduction target, layers tuning keeps dense free their share
     for the rest. progress and stage: called as layers are prepared and as each step starts
-    (a large model takes seconds).
+    (a large model takes seconds). With int8 (method "int8": alone) the result is then
+    quantized to INT8 on int8_calibration (passes.int8.quantize).
     """
-    from gdws_deploy.speed import tuning
-
-    opts = ConvertOptions.of(options, **changes)
-    target = opts.describe_target()
+    opts = _with_int8(ConvertOptions.of(options, **changes))
+    target = _target(opts)
     compression = pass_named(opts.method)
     model = _load(model_or_path).model
+    if not opts.int8:
+        return _rewrite(model, compression, target, opts, progress, stage)
+    from gdws_deploy.passes.int8.quantize import check_quantizable
+
+    check_quantizable(model, opts.int8_calibration)  # before the pass, which takes longer
+    converted, report = _rewrite(model, compression, target, opts, progress, stage)
+    return _quantized(model, converted, report, opts, stage or _quiet)
+
+
+def _rewrite(
+    model: onnx.ModelProto,
+    compression: CompressionPass,
+    target: str,
+    opts: ConvertOptions,
+    progress: Optional[Progress],
+    stage: Optional[Stage],
+) -> Tuple[onnx.ModelProto, ConvertReport]:
+    """The pass's part of convert(): analyze, select, plan, write, verify, parity."""
+    from gdws_deploy.speed import tuning
+
     costs = tuning.cost_model_for(opts.lowering, opts.tune, opts.tune_batch, opts.tune_cache, model)
     goal = None
     if opts.has_speed_goal:
@@ -212,19 +237,19 @@ def convert_file(
     """convert() from file to file, stored as the source was (external data or not).
 
     `output` is always written when this returns: the GDWS model, or the source unchanged
-    when it already meets the target (report.already_met). Returns the report and whether
-    `output` holds a rewritten model. GdwsError, nothing written, when no Conv could move
-    toward the target. The output path is checked before any work; the input is never
-    modified.
+    when it already meets the target (report.already_met); quantized to INT8 when asked
+    (report.int8). Returns the report and whether `output` holds a rewritten model.
+    GdwsError, nothing written, when no Conv could move toward the target. The output path
+    is checked before any work; the input is never modified.
     """
     opts = ConvertOptions.of(options, **changes)
-    opts.describe_target()
+    _target(_with_int8(opts))
     check_output_path(output, source)
     say = stage or _quiet
     say(f"loading {source}")
     loaded = onnx_graph.load_model(source)
     model, report = convert(loaded, opts, progress=progress, stage=stage)
-    if not report.converted and not report.already_met:
+    if not (report.converted or report.already_met or report.method == QUANTIZE_ONLY):
         raise _nothing_rewritten(report)
     say(f"saving {output}")
     onnx_graph.save_model(model, output, like=loaded)
@@ -233,6 +258,49 @@ def convert_file(
 
 def _quiet(text: str) -> None:
     """A stage callback that shows nothing."""
+
+
+def _target(opts: ConvertOptions) -> str:
+    """The target as a report names it, checked (INT8 alone has none)."""
+    return QUANTIZE_ONLY if opts.method == QUANTIZE_ONLY else opts.describe_target()
+
+
+def _with_int8(opts: ConvertOptions) -> ConvertOptions:
+    """`opts` with int8 on where the method is INT8 alone (every Conv selected: it rewrites
+    none); GdwsError for a target given to INT8 alone, INT8 without calibration samples,
+    or samples without INT8."""
+    if opts.method == QUANTIZE_ONLY:
+        given = [name for name in (*TARGETS, *SPEED_GOALS) if getattr(opts, name) is not None]
+        if given:
+            raise GdwsError(f"method int8 quantizes only: it takes no target (got {given[0]})")
+        opts = ConvertOptions.of(opts, int8=True, all_layers=True)
+    if opts.int8 and opts.int8_calibration is None:
+        raise GdwsError("INT8 quantization needs calibration samples of the model's input")
+    if not opts.int8 and opts.int8_calibration is not None:
+        raise GdwsError("calibration samples serve INT8 quantization: ask for int8 too")
+    return opts
+
+
+def _quantized(
+    original: onnx.ModelProto,
+    converted: onnx.ModelProto,
+    report: ConvertReport,
+    opts: ConvertOptions,
+    say: Stage,
+) -> Tuple[onnx.ModelProto, ConvertReport]:
+    """`converted` quantized to INT8 on the options' samples; the report says so and, with
+    parity checks on, how far the INT8 model's outputs are from `original`'s."""
+    from gdws_deploy.passes.int8.quantize import int8_deviation, quantize
+
+    say(f"calibrating on {len(opts.int8_calibration)} samples and quantizing to INT8")
+    quantized = quantize(converted, opts.int8_calibration)
+    onnx_graph.verify(quantized)
+    deviation = None
+    if opts.check_parity:
+        say("measuring the INT8 model against the original in onnxruntime")
+        deviation = int8_deviation(original, quantized, opts.int8_calibration)
+    size = weight_bits(quantized)
+    return quantized, replace(report, int8=True, int8_deviation=deviation, size_bits_after=size)
 
 
 def _load(source: ModelSource) -> onnx_graph.LoadedModel:
