@@ -16,16 +16,18 @@ from gdws_deploy.commands.args.check import CheckArgs
 from gdws_deploy.commands.args.convert import ConvertArgs
 from gdws_deploy.commands.args.data import DataArgs
 from gdws_deploy.commands.args.device import DeviceArgs
+from gdws_deploy.commands.args.int8 import Int8Args
 from gdws_deploy.commands.args.workers import WorkersArgs
 from gdws_deploy.commands.render.console import stdout_console
 from gdws_deploy.commands.render.convert import layer_table, totals, warnings
 from gdws_deploy.commands.render.progress import LayerProgress
 from gdws_deploy.commands.render.sweep import probe_line, search_table
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.passes.int8 import QUANTIZE_ONLY
 
 DATA, ATTACKS, CONVERT = DataArgs(batch_size=128, required=False), AttackArgs(), ConvertArgs()
 CALIBRATION = CalibrationArgs(CheckArgs(DATA, ATTACKS))
-DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
+DEVICE, WORKERS, INT8 = DeviceArgs(providers=True), WorkersArgs(), Int8Args()
 
 
 @click.command("convert")
@@ -34,7 +36,7 @@ DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    help="Output model [default: <stem>.gdws.onnx next to MODEL].",
+    help="Output model [default: <stem>.gdws.onnx next to MODEL; .int8.onnx when quantized].",
 )
 @CONVERT.method
 @CONVERT.target
@@ -48,6 +50,7 @@ DEVICE, WORKERS = DeviceArgs(providers=True), WorkersArgs()
 @CONVERT.tune
 @CONVERT.speed_goal
 @CONVERT.allocation
+@INT8
 @CALIBRATION
 @DATA
 @ATTACKS
@@ -63,13 +66,20 @@ def convert_command(
     --mac-reduction; or --speed-ratio with it), or --max-robust-drop with --dataset. With
     --dataset, a MAC target is calibrated on that data (measured loss curves for the default
     allocation). Prints one row per Conv (its lowering too) and the parity of the result
-    against MODEL in onnxruntime.
+    against MODEL in onnxruntime. --int8 then quantizes the result to INT8 on --calib
+    (--method int8: quantization alone), and says how far its logits moved.
     """
     from gdws_deploy.pipeline.convert import convert_file
 
     CALIBRATION.validate(flags)
-    options = CONVERT.build(flags, searched=flags["max_robust_drop"] is not None)
-    output = output or model.with_name(f"{model.stem}.gdws.onnx")
+    options = INT8.apply(CONVERT.build(flags, searched=flags["max_robust_drop"] is not None), flags)
+    if options.int8 and flags["max_robust_drop"] is not None:
+        raise GdwsError(
+            "--max-robust-drop searches float conversions: quantize its output with --method int8"
+        )
+    suffix = ".gdws.int8" if options.int8 else ".gdws"
+    suffix = ".int8" if options.method == QUANTIZE_ONLY else suffix
+    output = output or model.with_name(f"{model.stem}{suffix}.onnx")
     if report_path is not None:
         check_output_path(report_path, model, output)
         if report_path.resolve() == output.resolve():
@@ -115,7 +125,9 @@ def convert_command(
                 record["search"] = search.to_dict()
             json.dump(record, handle, indent=2)
     verb = "replaced" if existed else "wrote"
-    if report.already_met:
+    if report.int8:
+        done = f"{verb} {output} (INT8)"
+    elif report.already_met:
         done = f"target already met ({report.target}): {verb} {output} unchanged"
     else:
         done = f"{verb} {output}"

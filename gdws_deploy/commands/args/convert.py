@@ -11,6 +11,7 @@ from gdws_deploy.commands.args.method import MethodArgs
 from gdws_deploy.commands.args.selection import SelectionArgs
 from gdws_deploy.commands.args.target import SpeedGoalArgs, TargetArgs
 from gdws_deploy.commands.args.tune import TuneArgs
+from gdws_deploy.passes.int8 import QUANTIZE_ONLY
 
 if TYPE_CHECKING:
     from gdws_deploy.options import ConvertOptions
@@ -36,7 +37,8 @@ class ConvertArgs:
         options = ConvertOptions(alphas=flags["alphas"], check_parity=not flags["no_parity"])
         options = self.method.apply(options, flags)
         options = self.speed_goal.apply(options, flags)
-        options = self.target.apply(options, flags, default=not searched)
+        default = not searched and options.method != QUANTIZE_ONLY  # INT8 alone: no target
+        options = self.target.apply(options, flags, default=default)
         options = self.atmc.apply(options, flags)
         options = self.selection.apply(options, flags)
         options = self.tune.apply(options, flags)

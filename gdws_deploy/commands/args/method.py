@@ -8,6 +8,7 @@ import click
 
 from gdws_deploy.commands.args.base import ArgGroup, Flags
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.passes.int8 import QUANTIZE_ONLY
 from gdws_deploy.passes.registry import PASSES
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ class MethodArgs(ArgGroup):
                 help="gdws: generalized depthwise-separable factors; gkp: grouped kernel "
                 "pruning (Zhong et al. 2023; one-shot, data-free; --mac-reduction only); atmc: "
                 "low-rank filter banks, optional sparse residual and k-means weight sharing "
-                "(Gui et al. 2019, post-training part; --mac-reduction or --rank-share).",
+                "(Gui et al. 2019, post-training part; --mac-reduction or --rank-share); int8: "
+                "static INT8 quantization alone (no target; --calib).",
             ),
         )
 
@@ -56,7 +58,10 @@ class MethodArgs(ArgGroup):
         method = flags["method"]
         if method != "gdws":
             takes = "--mac-reduction " + ("or --rank-share" if method == "atmc" else "only")
-            for name, flag in GDWS_ONLY.items():
+            refused = dict(GDWS_ONLY)
+            if method == QUANTIZE_ONLY:  # quantization alone takes no target at all
+                takes, refused["mac_reduction"] = "no target", "--mac-reduction"
+            for name, flag in refused.items():
                 if name not in self.allowed and flags.get(name) not in (None, "auto"):
                     raise GdwsError(f"--method {method} takes {takes}, not {flag}")
         return ConvertOptions.of(options, method=method)

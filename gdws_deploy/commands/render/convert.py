@@ -56,6 +56,8 @@ def totals(report: ConvertReport) -> str:
     )
     if report.measured_speedup is not None:
         text += f"\nmeasured {report.measured_speedup:.2f}x faster than MODEL on {report.tuned}"
+    if report.int8:
+        text += "\n" + _int8(report)
     if report.size_bits_before is not None and report.size_bits_after is not None:
         text += (
             f"\nweights {_bytes(report.size_bits_before)} -> {_bytes(report.size_bits_after)} "
@@ -123,6 +125,18 @@ def warnings(
 
 def _bytes(bits: int) -> str:
     return f"{_macs(bits // 8)}B"
+
+
+def _int8(report: ConvertReport) -> str:
+    """What INT8 quantization moved: the logits against MODEL's on the calibration data."""
+    deviation = report.int8_deviation
+    if deviation is None:
+        return "quantized to INT8 (QDQ); its deviation from MODEL not checked"
+    return (
+        f"quantized to INT8 (QDQ): logits within {deviation.max_abs:.3g} of MODEL's "
+        f"({deviation.relative:.3g} of their largest), top-1 agreement "
+        f"{deviation.top1_agreement:.1%} on {deviation.samples} calibration samples"
+    )
 
 
 def _speedup(speedup: Optional[float]) -> str:
