@@ -3,7 +3,12 @@ mirror, the pipeline's --int8 and --method int8, and eval on an INT8 model."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +322,110 @@ def test_a_quantized_or_two_input_model_is_refused_in_one_line(tmp_path, bundled
         convert(bundled_int8, method="int8", int8_calibration=samples)
     with pytest.raises(GdwsError, match="INT8 calibration feeds one input; the model has 2"):
         convert(two_input_model(), method="int8", int8_calibration=samples)
+
+
+def test_cli_int8_after_gdws_at_2x_writes_the_quantized_conversion(capsys, tmp_path):
+    from tests.cli_run import run_cli
+
+    output, table = tmp_path / "photos.onnx", tmp_path / "report.json"
+    result = run_cli(
+        capsys, "convert", BUNDLED, "--method", "gdws", "--mac-reduction", "2", "--int8",
+        "--calib", "photos:train", "--calib-limit", 64, "-o", output, "--report", table,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "quantized to INT8 (QDQ)" in result.out and "on 64 calibration samples" in result.out
+    record = json.loads(table.read_text())
+    assert record["int8"] and record["int8_deviation"]["samples"] == 64
+    assert 2 <= record["reduction"] <= 2.02 and record["parity"] < 0.05
+    onnx.checker.check_model(str(output), full_check=True)
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(output)).graph.node}
+
+
+def test_cli_method_int8_names_its_output_after_the_model(capsys, tmp_path):
+    from tests.cli_run import run_cli
+
+    source = tmp_path / "photos.onnx"
+    source.write_bytes(BUNDLED.read_bytes())
+    result = run_cli(capsys, "convert", source, "--method", "int8", "--calib", "photos:train")
+    assert result.code == 0, result.err
+    assert f"wrote {tmp_path / 'photos.int8.onnx'} (INT8)" in result.out
+    assert source.read_bytes() == BUNDLED.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (("--int8",), "INT8 calibrates on data: give --calib SPEC"),
+        (("--method", "int8"), "INT8 calibrates on data: give --calib SPEC"),
+        (("--calib", "photos:train"), "--calib calibrates INT8: give --int8"),
+        (("--calib-limit", "9"), "--calib calibrates INT8: give --int8"),
+        (("--method", "int8", "--mac-reduction", "2"), "--method int8 takes no target, not"),
+        (("--method", "int8", "--beta", "0.1"), "--method int8 takes no target, not --beta"),
+        (("--int8", "--calib", "nowhere:x"), "nowhere"),
+        (("--int8", "--calib", "photos", "--max-robust-drop", "0.01", "--dataset", "photos"),
+         "--max-robust-drop searches float conversions"),
+    ],
+)  # fmt: skip
+def test_cli_bad_int8_flags_are_one_line_errors_and_write_nothing(
+    capsys, tmp_path, flags, fragment
+):
+    from tests.cli_run import assert_one_line_error, run_cli
+
+    result = run_cli(capsys, "convert", BUNDLED, "-o", tmp_path / "out.onnx", *flags)
+    assert_one_line_error(result, fragment)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_quantizing_a_quantized_model_is_one_line(capsys, tmp_path, bundled_int8):
+    from tests.cli_run import assert_one_line_error, run_cli
+
+    source = tmp_path / "int8.onnx"
+    onnx.save(bundled_int8, str(source))
+    result = run_cli(capsys, "convert", source, "--method", "int8", "--calib", "photos:train")
+    assert_one_line_error(result, "the model is quantized already (QuantizeLinear nodes)")
+    assert [path.name for path in tmp_path.iterdir()] == ["int8.onnx"]
+
+
+def test_eval_attacks_the_int8_model_through_the_mirror_and_judges_the_file(
+    capsys, tmp_path, bundled_int8
+):
+    """The verdicts are onnxruntime's on the QDQ file as written (its int8 kernels): eval's
+    clean accuracy is that of an InferenceSession of the file on the same samples."""
+    from tests.cli_run import run_cli
+
+    model, record = tmp_path / "photos.int8.onnx", tmp_path / "eval.json"
+    onnx.save(bundled_int8, str(model))
+    result = run_cli(
+        capsys, "eval", model, "--dataset", "photos", "--limit", 40, "--eps", "4/255",
+        "--steps", 3, "--json", record,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads(record.read_text())
+    data = load_dataset("photos").limit(40)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    clean = float(np.mean(session.run(None, {"input": data.x})[0].argmax(1) == data.y))
+    assert report["clean"] == pytest.approx(clean)
+    assert report["robust"] < report["clean"]  # the attack got gradients through Q/DQ
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None,
+    reason="tensorrt-rtx-cu12 is not installed (pip install tensorrt-rtx-cu12)",
+)
+def test_tensorrt_rtx_parser_accepts_the_int8_models(tmp_path, calibration):
+    """TensorRT's own ONNX parser imports both as explicit INT8 (its parser refuses an
+    int32 bias DequantizeLinear, which is why the bias stays float)."""
+    from gdws_deploy.pipeline.convert import convert_file
+
+    for name, changes in (("int8", {"method": "int8"}), ("gdws.int8", {"mac_reduction": 2})):
+        output = tmp_path / f"photos.{name}.onnx"
+        convert_file(BUNDLED, output, int8=True, int8_calibration=calibration[:32], **changes)
+        done = subprocess.run(  # its own process: two TensorRT flavours in one process crash
+            [sys.executable, "-m", "gdws_deploy.cli", "build", str(output), "--parse-only"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "GDWS_TENSORRT": "tensorrt_rtx"},
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "TensorRT-RTX" in done.stdout and "accepted:" in done.stdout
