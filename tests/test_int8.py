@@ -429,3 +429,12 @@ def test_tensorrt_rtx_parser_accepts_the_int8_models(tmp_path, calibration):
         )
         assert done.returncode == 0, done.stderr
         assert "TensorRT-RTX" in done.stdout and "accepted:" in done.stdout
+
+
+def test_int8_weights_are_counted_at_eight_bits(bundled_int8):
+    """Kept float for TensorRT to quantize, the weights are stored as int8 all the same:
+    a quarter of the float bits, plus one float scale per output channel."""
+    from gdws_deploy.ir.size import weight_bits
+
+    before, after = weight_bits(onnx.load(str(BUNDLED))), weight_bits(bundled_int8)
+    assert before / 4 < after < before / 4 * 1.05

@@ -8,6 +8,8 @@ k-means-shared one are counted by the same rule.
 
 from __future__ import annotations
 
+from typing import Dict, Optional, Set
+
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
@@ -32,11 +34,13 @@ def weight_bits(model: onnx.ModelProto) -> int:
     each, the smaller of its type's width and a codebook's index width (plus the codebook
     itself) -- a float tensor taking only 2^b distinct values, as k-means weight sharing
     leaves it, is stored as b-bit indices. Zeros cost nothing, as in ATMC's count (sparse
-    indices are not counted, as there). `model` holds its weights in memory, as
-    ir.graph.load_model returns it."""
+    indices are not counted, as there). A float weight every reader of which quantizes it
+    (an INT8 model's, kept float for TensorRT to quantize) counts at the quantized width.
+    `model` holds its weights in memory, as ir.graph.load_model returns it."""
+    quantized = _quantized_widths(model.graph)
     total = 0
     for tensor in graph_tensors(model.graph):
-        width = _WEIGHT_BITS.get(tensor.data_type)
+        width = quantized.get(tensor.name, _WEIGHT_BITS.get(tensor.data_type))
         if width is None:
             continue
         values = numpy_helper.to_array(tensor).ravel()
@@ -45,3 +49,22 @@ def weight_bits(model: onnx.ModelProto) -> int:
         index_bits = max(1, int(np.ceil(np.log2(max(distinct, 2)))))
         total += min(nonzero.size * width, nonzero.size * index_bits + distinct * width)
     return int(total)
+
+
+def _quantized_widths(graph: onnx.GraphProto) -> Dict[str, int]:
+    """Initializers read only as QuantizeLinear's input, by the width they are quantized to
+    (the zero point's type; uint8 without one)."""
+    types = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    widths: Dict[str, Set[Optional[int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            width = None
+            if node.op_type == "QuantizeLinear" and index == 0:
+                zero = node.input[2] if len(node.input) > 2 else ""
+                width = _WEIGHT_BITS.get(types.get(zero, TensorProto.UINT8))
+            widths.setdefault(name, set()).add(width)
+    return {
+        name: next(iter(found))
+        for name, found in widths.items()
+        if name in types and len(found) == 1 and None not in found
+    }
