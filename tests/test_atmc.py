@@ -120,6 +120,17 @@ def test_truncated_svd_error_is_the_dropped_singular_energy():
     assert form.error == pytest.approx(float((svd[1][5:] ** 2).sum()), rel=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(24, 8, 3, 3), (100, 4, 3, 3), (48, 40, 1, 1)])
+def test_spectrum_from_the_gram_matrix_is_the_svd(shape):
+    weight = np.random.default_rng(5).standard_normal(shape)
+    weight[: shape[0] // 2] = weight[0]  # rank deficient: half the filters alike
+    u, s, vt = spectrum(weight)
+    bank = weight.reshape(shape[0], -1)
+    np.testing.assert_allclose(s, np.linalg.svd(bank, compute_uv=False), atol=1e-9 * s[0])
+    np.testing.assert_allclose((u * s) @ vt, bank, atol=1e-12 * s[0])
+    assert np.all(np.isfinite(u)) and np.all(np.isfinite(vt))
+
+
 def test_max_rank_is_the_largest_rank_with_fewer_macs():
     for shape in [(32, 16, 3, 3), (64, 64, 3, 3), (40, 48, 1, 1), (7, 3, 5, 5)]:
         m, k = shape[0], int(np.prod(shape[1:]))
