@@ -48,17 +48,17 @@ class Int8Args(ArgGroup):
     def apply(options: ConvertOptions, flags: Flags) -> ConvertOptions:
         """`options` with int8 and the samples (method int8 implies --int8); GdwsError
         for INT8 without --calib, or --calib / --calib-limit without INT8."""
-        from gdws_deploy.options import ConvertOptions
-        from gdws_deploy.passes.int8.calibration import calibration_samples
-        from gdws_deploy.robustness.attacks import parse_channels
-        from gdws_deploy.robustness.data import load_dataset
-
         if not (flags["int8"] or options.method == QUANTIZE_ONLY):
             if flags["calib"] is not None or flags["calib_limit"] is not None:
                 raise GdwsError("--calib calibrates INT8: give --int8 (or --method int8) too")
             return options
         if flags["calib"] is None:
             raise GdwsError("INT8 calibrates on data: give --calib SPEC (training data)")
+        from gdws_deploy.options import ConvertOptions
+        from gdws_deploy.passes.int8.calibration import calibration_samples
+        from gdws_deploy.robustness.attacks import parse_channels  # torch: only when asked
+        from gdws_deploy.robustness.data import load_dataset
+
         samples = calibration_samples(
             load_dataset(flags["calib"]).x,
             flags["calib_limit"] or DEFAULT_CALIB_LIMIT,
