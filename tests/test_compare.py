@@ -65,7 +65,7 @@ def test_compare_measures_every_method_at_every_target(compared):
     assert imread(out / "compare.png").shape[0] > 100
 
 
-def test_compare_cli_prints_one_row_per_model(compared, capsys, tmp_path):
+def test_compare_cli_prints_one_row_per_model_int8_alone_without_a_target(capsys, tmp_path):
     args = ["--dataset", "photos", "--limit", "8", "--steps", "1", "--eps", "4/255"]
     timing = ["--duration", "0.05", "--rounds", "1", "--threads", "1", "--bench-batch", "8"]
     result = run_cli(

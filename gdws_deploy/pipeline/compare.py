@@ -24,6 +24,8 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import analyze
 from gdws_deploy.ir.graph import LoadedModel, load_model
 from gdws_deploy.options import ConvertOptions
+from gdws_deploy.passes.int8 import DEFAULT_CALIB_LIMIT, QUANTIZE_ONLY
+from gdws_deploy.passes.int8.calibration import calibration_samples
 from gdws_deploy.passes.registry import PASSES, pass_named
 from gdws_deploy.pipeline.measure import ModelToMeasure, measure_models
 from gdws_deploy.pipeline.sweep import (
@@ -40,10 +42,6 @@ from gdws_deploy.robustness.sensitivity import calibrate
 
 JSON_NAME = "compare.json"
 PLOT_NAME = "compare.png"
-# A method that quantizes only: no MAC target, one row.
-QUANTIZE_ONLY = "int8"
-# Samples static INT8 calibration runs on (onnxruntime's calibrators need no more).
-INT8_CALIBRATION_SAMPLES = 256
 # Options only GDWS reads: every other pass runs without them.
 _GDWS_ONLY = {
     "tune": None,
@@ -224,11 +222,15 @@ def _method_options(
 ) -> Dict[MethodChoice, ConvertOptions]:
     """Each method's conversion options: GDWS's calibrated once and shared with its INT8
     variant, every other pass without GDWS's settings; INT8 with its calibration samples."""
-    samples = (
-        calibration.dataset.x[:INT8_CALIBRATION_SAMPLES]
-        if any(choice.int8 for choice in methods)
-        else None
-    )
+    samples = None
+    if any(choice.int8 for choice in methods):
+        samples = calibration_samples(
+            calibration.dataset.x,
+            DEFAULT_CALIB_LIMIT,
+            calibration.seed,
+            calibration.mean,
+            calibration.std,
+        )
     calibrated: Dict[str, ConvertOptions] = {}
     chosen = {}
     for choice in methods:

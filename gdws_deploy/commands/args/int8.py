@@ -9,12 +9,10 @@ import click
 from gdws_deploy.commands.args.base import ArgGroup, Flags
 from gdws_deploy.commands.args.data import DATASET_HELP
 from gdws_deploy.errors import GdwsError
-from gdws_deploy.passes.int8 import QUANTIZE_ONLY
+from gdws_deploy.passes.int8 import DEFAULT_CALIB_LIMIT, QUANTIZE_ONLY
 
 if TYPE_CHECKING:
     from gdws_deploy.options import ConvertOptions
-
-DEFAULT_CALIB_LIMIT = 256
 
 
 class Int8Args(ArgGroup):

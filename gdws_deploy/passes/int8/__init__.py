@@ -7,3 +7,5 @@ alone (method "int8", QUANTIZE_ONLY).
 
 # --method int8: no pass, quantization only.
 QUANTIZE_ONLY = "int8"
+# Samples static calibration draws by default: MinMax ranges settle well before this.
+DEFAULT_CALIB_LIMIT = 256
