@@ -58,6 +58,11 @@ ROWS = (
         False,
     ),
     ("--mac-reduction 2 --dataset CALIB --tune ort", {"mac_reduction": 2.0, "tune": "ort"}, True),
+    (
+        "--mac-reduction 3 --speed-ratio 0.8 --tune ort",
+        {"mac_reduction": 3.0, "speed_ratio": 0.8, "tune": "ort"},
+        False,
+    ),
 )
 TIMING = Timing(rounds=6, queries=6, seconds=1.0, warmup_ms=100.0)
 GOAL_SPEEDUP, GOAL_ROBUST_DROP, GOAL_CLEAN_DROP = 2.3, 0.01, 0.02
@@ -94,12 +99,21 @@ def main(argv: Sequence[str] = ()) -> int:
         work = Path(scratch)
         base = ConvertOptions(tune_batch=args.batch, tune_cache=work / "tune-cache.json")
         rows = [Row("original", Path(args.model))]
-        for label, changes, calibrated in () if args.search_only else ROWS:
+        for label, changes, calibrated in () if args.search_only else _chosen_rows(args.rows):
             rows.append(_converted(args.model, work, label, base, changes, calibrated, calib))
             print(f"[{time.perf_counter() - start:.0f} s] {label}: converted", file=sys.stderr)
-        rows.append(_searched(args, work, base, calib))
-        print(f"[{time.perf_counter() - start:.0f} s] search done", file=sys.stderr)
+        if not args.no_search:
+            rows.append(_searched(args, work, base, calib))
+            print(f"[{time.perf_counter() - start:.0f} s] search done", file=sys.stderr)
         _measure_speed(rows, args.batch, args.threads)
+        if args.finetune:
+            train = load_dataset(args.train)
+            for row in [row for row in rows[1:] if not row.failed]:
+                rows.append(_finetuned(row, work, train, args))
+                print(
+                    f"[{time.perf_counter() - start:.0f} s] {row.label}: fine-tuned",
+                    file=sys.stderr,
+                )
         for row in (row for row in rows if not row.failed):
             report = test.evaluate(row.path)
             row.clean, row.robust, row.ci = report.clean_acc, report.robust_acc, report.robust_ci95
@@ -133,7 +147,42 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--search-only", action="store_true", help="the original and the search's pick only"
     )
+    parser.add_argument("--no-search", action="store_true", help="the README's rows only")
+    parser.add_argument("--rows", help="indices of the README's rows to run (0-based, comma)")
+    parser.add_argument(
+        "--finetune",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also fine-tune every conversion this many steps (gdws-deploy finetune) on --train",
+    )
+    parser.add_argument("--train", default="photos:train", help="split fine-tuned on")
+    parser.add_argument("--finetune-attack-steps", type=int, default=5)
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
     return parser
+
+
+def _chosen_rows(indices: Optional[str]) -> Sequence[tuple]:
+    if indices is None:
+        return ROWS
+    return [ROWS[int(index)] for index in indices.split(",")]
+
+
+def _finetuned(row: Row, work: Path, train: Dataset, args: argparse.Namespace) -> Row:
+    """The conversion fine-tuned: the same graph (so the same speed), new weight values."""
+    from gdws_deploy.robustness.finetune import FinetuneOptions, finetune_file
+
+    (attack,) = make_attacks(
+        "pgd-linf",
+        {"linf": parse_fraction(args.eps)},
+        args.finetune_attack_steps,
+        {"linf": parse_fraction(args.step_size)} if args.step_size else None,
+    )
+    options = FinetuneOptions(steps=args.finetune, lr=args.finetune_lr, attack=attack)
+    path = work / f"{row.path.stem}.finetuned.onnx"
+    finetune_file(row.path, path, train, options)
+    label = f"{row.label} + finetune {args.finetune} steps"
+    return Row(label, path, row.report, row.seconds, searched=row.searched)
 
 
 def _subset(data: Dataset, limit: int, seed: int) -> Dataset:
