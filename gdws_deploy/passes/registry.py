@@ -1,7 +1,8 @@
 """Compression passes by name: what ConvertOptions.method and --method choose from.
 
-GDWS and grouped kernel pruning (GKP); low-rank factorization and INT8 join here as
-they arrive. A dict, not a plugin system: the passes ship with the package.
+GDWS, grouped kernel pruning (GKP), ATMC's low-rank factorization and INT8 alone (which
+also follows any pass: ConvertOptions.int8). A dict, not a plugin system: the passes
+ship with the package.
 """
 
 from __future__ import annotations
