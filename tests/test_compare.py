@@ -16,7 +16,7 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import load_model
 from gdws_deploy.ir.size import weight_bits
 from gdws_deploy.pipeline.compare import MethodChoice, parse_methods, run_compare
-from gdws_deploy.pipeline.sweep_result import BenchSettings
+from gdws_deploy.pipeline.results import BenchSettings
 from gdws_deploy.robustness.attacks import make_attacks
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.data import load_dataset

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,6 +28,7 @@ from gdws_deploy.passes.int8 import DEFAULT_CALIB_LIMIT, QUANTIZE_ONLY
 from gdws_deploy.passes.int8.calibration import calibration_samples
 from gdws_deploy.passes.registry import PASSES, pass_named
 from gdws_deploy.pipeline.measure import ModelToMeasure, measure_models
+from gdws_deploy.pipeline.results import BenchSettings, CompareResult
 from gdws_deploy.pipeline.sweep import (
     bench_for,
     convert_to_file,
@@ -36,7 +37,6 @@ from gdws_deploy.pipeline.sweep import (
     shared_tune_cache,
     sweep_targets,
 )
-from gdws_deploy.pipeline.sweep_result import BenchSettings, MeasuredPoint
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 
@@ -83,34 +83,6 @@ def parse_methods(text: str) -> Tuple[MethodChoice, ...]:
     if len(set(labels)) != len(labels):
         raise GdwsError(f"--methods repeats a method: {', '.join(labels)}")
     return tuple(choices)
-
-
-@dataclass(frozen=True)
-class CompareResult:
-    """Every measured model (the original first) and the settings they were measured with."""
-
-    model: str
-    methods: Tuple[str, ...]
-    mac_reductions: Tuple[float, ...]
-    check: Dict[str, Any]
-    calibration: Dict[str, Any]
-    bench: BenchSettings
-    points: Tuple[MeasuredPoint, ...]
-
-    @property
-    def original(self) -> MeasuredPoint:
-        return self.points[0]
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "model": self.model,
-            "methods": list(self.methods),
-            "mac_reductions": list(self.mac_reductions),
-            "check": self.check,
-            "calibration": self.calibration,
-            "bench": {"backend": "ort", "device": "cpu", **asdict(self.bench)},
-            "points": [asdict(point) for point in self.points],
-        }
 
 
 def run_compare(

@@ -17,7 +17,7 @@ import onnx
 
 from gdws_deploy.ir.graph import load_model
 from gdws_deploy.ir.size import weight_bits
-from gdws_deploy.pipeline.sweep_result import BenchSettings, MeasuredPoint
+from gdws_deploy.pipeline.results import BenchSettings, MeasuredPoint
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.evaluate import wilson_interval
 

@@ -16,8 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from gdws_deploy.pipeline.compare import CompareResult
-    from gdws_deploy.pipeline.sweep_result import MeasuredPoint, SweepResult
+    from gdws_deploy.pipeline.results import CompareResult, MeasuredPoint, SweepResult
 
 # kind -> (legend entry, marker, colour, size, label offset in points)
 STYLES = {

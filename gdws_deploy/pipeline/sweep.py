@@ -33,7 +33,7 @@ from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 from gdws_deploy.pipeline.measure import ModelToMeasure, measure_models
 from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop
 from gdws_deploy.pipeline.plot import save_sweep_plot
-from gdws_deploy.pipeline.sweep_result import BenchSettings, MeasuredPoint, SweepResult
+from gdws_deploy.pipeline.results import BenchSettings, MeasuredPoint, SweepResult
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 from gdws_deploy.speed.tuning import _fixed_batch as fixed_batch

@@ -10,7 +10,7 @@ import click
 from gdws_deploy.commands.args.base import ArgGroup, Flags
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.sweep_result import BenchSettings
+    from gdws_deploy.pipeline.results import BenchSettings
 
 
 class TimingArgs(ArgGroup):
@@ -44,7 +44,7 @@ class TimingArgs(ArgGroup):
 
     @staticmethod
     def build(flags: Flags) -> BenchSettings:
-        from gdws_deploy.pipeline.sweep_result import BenchSettings
+        from gdws_deploy.pipeline.results import BenchSettings
 
         return BenchSettings(
             flags["bench_batch"], flags["duration"], flags["rounds"], flags["threads"]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Tuple
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.compare import CompareResult
+    from gdws_deploy.pipeline.results import CompareResult
 
 COLUMNS = (
     "model",

@@ -1,6 +1,6 @@
 """What a sweep or a comparison measured: its points and the settings they were measured with.
 
-Apart from the sweep that computes them, so that whatever shows a result (the plot, the
+Apart from the sweep and comparison that compute them, so that whatever shows a result (the plot, the
 CLI's tables) reads these types without importing the computation.
 """
 
@@ -84,4 +84,32 @@ class SweepResult:
             "bench": {"backend": "ort", "device": "cpu", **asdict(self.bench)},
             "points": [asdict(point) for point in self.points],
             "operating_point": self.operating_point.to_dict() if self.operating_point else None,
+        }
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Every measured model (the original first) and the settings they were measured with."""
+
+    model: str
+    methods: Tuple[str, ...]
+    mac_reductions: Tuple[float, ...]
+    check: Dict[str, Any]
+    calibration: Dict[str, Any]
+    bench: BenchSettings
+    points: Tuple[MeasuredPoint, ...]
+
+    @property
+    def original(self) -> MeasuredPoint:
+        return self.points[0]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model,
+            "methods": list(self.methods),
+            "mac_reductions": list(self.mac_reductions),
+            "check": self.check,
+            "calibration": self.calibration,
+            "bench": {"backend": "ort", "device": "cpu", **asdict(self.bench)},
+            "points": [asdict(point) for point in self.points],
         }
