@@ -10,7 +10,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from gdws_deploy.pipeline.operating_point import OperatingPoint, Probe
-    from gdws_deploy.pipeline.sweep_result import SweepResult
+    from gdws_deploy.pipeline.results import SweepResult
 
 
 def sweep_table(result: SweepResult) -> Table:
