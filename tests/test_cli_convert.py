@@ -363,3 +363,18 @@ def test_an_untuned_conversion_says_so_and_a_tuned_one_does_not(capsys, model_fi
     tuned = ConvertOptions(mac_reduction=2, tune="ort")
     warnings(report, tuned, True, Console(file=stderr, width=200))
     assert report.converted and "untuned" not in stderr.getvalue()
+
+
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        (["--method", "gkp", "--mac-reduction", "1.5"], "chain.gkp.onnx"),
+        (["--method", "atmc", "--mac-reduction", "1.5"], "chain.atmc.onnx"),
+        (["--mac-reduction", "1.5"], "chain.gdws.onnx"),
+    ],
+)
+def test_the_default_output_is_named_after_the_method(tmp_path, flags, name):
+    source = tmp_path / "chain.onnx"
+    onnx.save(conv_chain([ConvSpec(8), ConvSpec(8)]), str(source))
+    assert main(["convert", str(source), *flags]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["chain.onnx", name])

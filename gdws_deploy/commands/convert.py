@@ -36,7 +36,8 @@ DEVICE, WORKERS, INT8 = DeviceArgs(providers=True), WorkersArgs(), Int8Args()
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    help="Output model [default: <stem>.gdws.onnx next to MODEL; .int8.onnx when quantized].",
+    help="Output model [default: <stem>.<method>.onnx next to MODEL, .<method>.int8.onnx "
+    "with --int8].",
 )
 @CONVERT.method
 @CONVERT.target
@@ -77,9 +78,10 @@ def convert_command(
         raise GdwsError(
             "--max-robust-drop searches float conversions: quantize its output with --method int8"
         )
-    suffix = ".gdws.int8" if options.int8 else ".gdws"
-    suffix = ".int8" if options.method == QUANTIZE_ONLY else suffix
-    output = output or model.with_name(f"{model.stem}{suffix}.onnx")
+    quantized = options.int8 and options.method != QUANTIZE_ONLY
+    output = output or model.with_name(
+        f"{model.stem}.{options.method}{'.int8' if quantized else ''}.onnx"
+    )
     if report_path is not None:
         check_output_path(report_path, model, output)
         if report_path.resolve() == output.resolve():
