@@ -130,6 +130,11 @@ class ExitJudge:
         thresholds: Optional[Sequence[float]] = None,
         threads: int = 0,
     ) -> None:
+        if Path(model).is_dir():
+            raise GdwsError(
+                f"{model} is a folder: the attacks need the whole multi-exit ONNX model "
+                "(its mirror computes every exit)"
+            )
         self.staged = StagedModel.open(model, "ort", thresholds=thresholds, threads=threads)
         self.thresholds = self.staged.thresholds
         self.policy = self.staged.policy
@@ -141,7 +146,8 @@ class ExitJudge:
     def __exit__(self, *exc_info: object) -> None:
         self.staged.close()
 
-    def exits(self) -> int:
+    @property
+    def exit_count(self) -> int:
         return len(self.policy.outputs)
 
     def gated(self, exits: Exits) -> Tuple[torch.Tensor, np.ndarray]:
@@ -161,7 +167,7 @@ class ExitJudge:
 
     def objective(self, name: str, settings: ExitAttackSettings) -> Objective:
         """The loss a gradient attack `name` ascends, on the mirror's exits."""
-        count = self.exits()
+        count = self.exit_count
         if name == "pgd-final":
             return _named(
                 "final_loss", lambda exits, y: F.cross_entropy(exits[-1], y, reduction="none")
@@ -230,7 +236,7 @@ class ExitJudge:
         settings: ExitAttackSettings,
         seed: int,
     ) -> torch.Tensor:
-        count = self.exits()
+        count = self.exit_count
         candidates = torch.stack(
             [
                 self._pgd(_exit_loss(k), x, y, ids, settings, seed)
