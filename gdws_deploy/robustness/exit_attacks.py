@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
+import onnx.utils
 import torch
 import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 
