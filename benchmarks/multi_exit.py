@@ -25,12 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdws_deploy.exits.calibrate import calibrate_model
-from gdws_deploy.exits.split import split_model
+from gdws_deploy.exits.split import open_staged, split_model
 from gdws_deploy.pipeline.convert import convert_file
 from gdws_deploy.robustness.data import load_dataset
 from gdws_deploy.runtime.benchmark import BenchOptions
 from gdws_deploy.runtime.runner import OrtRunner
-from gdws_deploy.runtime.staged import StagedModel
 from gdws_deploy.runtime.staged_bench import time_on_data
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "multi_exit_photos.onnx"
@@ -87,9 +86,7 @@ def measure(
         name: OrtRunner(split.full.SerializeToString(), threads=args.threads)
         for name, split in singles.items()
     }
-    staged = {
-        name: StagedModel.open(path, threads=args.threads) for name, path in calibrated.items()
-    }
+    staged = {name: open_staged(path, threads=args.threads) for name, path in calibrated.items()}
     try:
         for runner in runners.values():
             runner.activate()

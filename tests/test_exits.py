@@ -24,7 +24,7 @@ from torch import nn
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.exits.calibrate import calibrate_thresholds
-from gdws_deploy.exits.split import split_model
+from gdws_deploy.exits.split import open_staged, split_model
 from gdws_deploy.robustness.data import load_dataset
 from gdws_deploy.runtime.staged import (
     CLOSED,
@@ -119,7 +119,7 @@ def digest(path: Path) -> str:
 @pytest.mark.parametrize("name", ["one", "two", "three", "skip"])
 def test_stages_in_turn_equal_the_whole_model_on_every_exit(models, images, name):
     expected = whole_model(models[name], images)
-    with StagedModel.open(models[name], thresholds=[CLOSED] * (len(expected) - 1)) as staged:
+    with open_staged(models[name], thresholds=[CLOSED] * (len(expected) - 1)) as staged:
         actual = staged.exit_logits(images)
     assert len(actual) == len(expected)
     for a, b in zip(actual, expected):
@@ -161,7 +161,7 @@ def test_split_folder_holds_checker_valid_stages_with_explicit_boundaries(models
 def test_staged_predictions_are_the_whole_model_gated_by_exit_taken(models, images):
     expected = whole_model(models["three"], images)
     thresholds = [float(np.quantile(entropy(z), 0.3)) for z in expected[:-1]]
-    with StagedModel.open(models["three"], thresholds=thresholds) as staged:
+    with open_staged(models["three"], thresholds=thresholds) as staged:
         logits, exits = staged.predict(images)
         rows = staged.rows
     taken = exit_taken(expected, thresholds)
@@ -175,7 +175,7 @@ def test_staged_predictions_are_the_whole_model_gated_by_exit_taken(models, imag
 
 
 def test_a_batch_that_leaves_at_the_first_exit_runs_no_later_stage(models, images):
-    with StagedModel.open(models["two"], thresholds=[100.0, 100.0]) as staged:
+    with open_staged(models["two"], thresholds=[100.0, 100.0]) as staged:
         _, exits = staged.predict(images)
         assert staged.rows == [len(images)]
     assert not exits.any()
@@ -232,7 +232,7 @@ def test_calibrate_stores_thresholds_in_the_metadata_of_a_new_file(models, tmp_p
     assert policy.share(exits) <= 0.7
     assert policy.share(exits) == pytest.approx(policy.expected_share)
     # the staged runtime reads them
-    with StagedModel.open(output) as staged:
+    with open_staged(output) as staged:
         assert staged.thresholds == policy.thresholds
         np.testing.assert_array_equal(staged.predict(data.x)[1], exits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.exits.onnx", "two.onnx"]
@@ -267,7 +267,7 @@ def test_bench_times_the_staged_and_the_single_pass_model_on_the_data(models, tm
         (("calibrate", "{two}", "--dataset", "photos", "--budget", "0.01"), "no policy meets"),
         (("calibrate", "{two}", "-o", "{two}", "--dataset", "photos", "--budget", ".7"), "input"),
         (("bench", "{two}", "--dataset", "photos"), "no exit thresholds"),
-        (("bench", "{missing}", "--dataset", "photos"), "no such file or folder"),
+        (("bench", "{missing}", "--dataset", "photos"), "does not exist"),
         (("split", "{two}", "-o", "{two}"), "is not a folder"),
     ],
 )
@@ -358,3 +358,10 @@ def test_calibrated_convert_of_a_multi_exit_model_is_one_line_and_writes_nothing
     assert result.err.strip().splitlines()[-1].startswith("gdws-deploy: error: calibrating")
     assert "one output, this one has 3" in result.err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_device_runtime_opens_stage_folders_only(models):
+    """runtime/ must not import the host's splitter (onnx): a file is a one-line error
+    naming the command that makes a folder."""
+    with pytest.raises(GdwsError, match="exits split"):
+        StagedModel.open(models["two"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, List, Optional
@@ -33,19 +32,13 @@ class ExitsGroup(click.Group):
     """The group's own subcommands plus the lazily imported ones (LAZY)."""
 
     def list_commands(self, ctx: click.Context) -> List[str]:
-        return sorted({*super().list_commands(ctx), *self._landed()})
+        return sorted({*super().list_commands(ctx), *LAZY})
 
     def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
-        if name in self.commands or name not in self._landed():
+        if name not in LAZY:
             return super().get_command(ctx, name)
         module, attribute = LAZY[name].split(":")
         return getattr(importlib.import_module(module), attribute)
-
-    @staticmethod
-    def _landed() -> List[str]:
-        """The lazy subcommands whose module is installed."""
-        found = importlib.util.find_spec
-        return [name for name, target in LAZY.items() if found(target.split(":")[0])]
 
 
 @click.group("exits", cls=ExitsGroup)
@@ -145,7 +138,6 @@ def bench_command(model: Path, backend: str, json_path: Optional[Path], **flags:
     stage on --dataset and time it against its single-pass model, interleaved: latency per
     batch, images/s, exits taken, expected MACs, accuracy."""
     from gdws_deploy.runtime.benchmark import BenchOptions
-    from gdws_deploy.runtime.staged import StagedModel
     from gdws_deploy.runtime.staged_bench import bench_exits
 
     settings = TIMING.build(flags)
@@ -156,7 +148,7 @@ def bench_command(model: Path, backend: str, json_path: Optional[Path], **flags:
     options = BenchOptions(duration_s=settings.duration_s, iterations=settings.rounds)
     batch = settings.batch or flags["batch_size"]
     with contextlib.ExitStack() as stack:
-        staged = stack.enter_context(StagedModel.open(model, backend, threads=settings.threads))
+        staged = stack.enter_context(_staged(model, backend, settings.threads))
         full = stack.enter_context(_single_pass(staged.full, backend, settings.threads))
         result = bench_exits(staged, full.infer, images, labels, batch, options, settings.rounds)
     stdout_console().print(bench_table(result, backend))
@@ -184,3 +176,15 @@ def _single_pass(full: Any, backend: str, threads: int) -> Any:
 
 def _stem(model: Path) -> str:
     return model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
+
+
+def _staged(model: Path, backend: str, threads: int) -> Any:
+    """The staged runtime of a stage folder (all the device needs) or, on the host, of a
+    multi-exit ONNX file split in memory (which needs the onnx package)."""
+    if model.is_dir():
+        from gdws_deploy.runtime.staged import StagedModel
+
+        return StagedModel.open(model, backend, threads=threads)
+    from gdws_deploy.exits.split import open_staged
+
+    return open_staged(model, backend, threads=threads)

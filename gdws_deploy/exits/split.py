@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import onnx
 import onnx.utils
@@ -26,6 +26,7 @@ from gdws_deploy.runtime.staged import (
     MANIFEST,
     METADATA_KEY,
     ExitPolicy,
+    StagedModel,
     StageSpec,
     exit_names,
 )
@@ -223,3 +224,23 @@ def _extract(
 
 def _macs(model: onnx.ModelProto) -> int:
     return analyze(model).total_macs
+
+
+def open_staged(
+    path: Union[str, Path],
+    backend: str = "ort",
+    thresholds: Optional[Sequence[float]] = None,
+    threads: int = 0,
+) -> StagedModel:
+    """The staged runtime of a stage folder, or of a multi-exit ONNX file split in memory
+    (onnxruntime only: TensorRT runs engines built from a folder's stages)."""
+    source = Path(path)
+    if source.is_dir() or not source.is_file():
+        return StagedModel.open(source, backend, thresholds, threads=threads)
+    if backend != "ort":
+        raise GdwsError(f"TensorRT runs a stage folder: run `gdws-deploy exits split {source}`")
+    split = split_model(source)
+    files = [stage.model.SerializeToString() for stage in split.stages]
+    staged = StagedModel.from_files(files, split.specs(), split.policy, thresholds, threads=threads)
+    staged.full = split.full.SerializeToString()
+    return staged

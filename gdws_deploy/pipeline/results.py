@@ -1,7 +1,7 @@
 """What a sweep or a comparison measured: its points and the settings they were measured with.
 
-Apart from the sweep and comparison that compute them, so that whatever shows a result (the plot, the
-CLI's tables) reads these types without importing the computation.
+Apart from the sweep and comparison that compute them, so that whatever shows a result
+(the plot, the CLI's tables) reads these types without importing the computation.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.exits.split import open_staged
 from gdws_deploy.ir.graph import load_model
 from gdws_deploy.robustness.attacks import margin, pgd
 from gdws_deploy.robustness.attacks.losses import Objective
@@ -48,7 +49,7 @@ from gdws_deploy.robustness.attacks.square import square
 from gdws_deploy.robustness.data import Dataset
 from gdws_deploy.robustness.evaluate import Progress, wilson_interval
 from gdws_deploy.robustness.mirror import OnnxMirror
-from gdws_deploy.runtime.staged import StagedModel, exit_taken
+from gdws_deploy.runtime.staged import exit_taken
 
 EXIT_ATTACKS = ("pgd-final", "pgd-average", "max-average", "exit-aware", "square")
 Exits = Tuple[torch.Tensor, ...]
@@ -136,7 +137,7 @@ class ExitJudge:
                 f"{model} is a folder: the attacks need the whole multi-exit ONNX model "
                 "(its mirror computes every exit)"
             )
-        self.staged = StagedModel.open(model, "ort", thresholds=thresholds, threads=threads)
+        self.staged = open_staged(model, "ort", thresholds=thresholds, threads=threads)
         self.thresholds = self.staged.thresholds
         self.policy = self.staged.policy
         self.mirror = OnnxMirror(load_model(model).model)

@@ -245,36 +245,23 @@ class StagedModel:
         providers: Optional[Sequence[str]] = None,
         threads: int = 0,
     ) -> StagedModel:
-        """A stage folder (`exits split`) or, on the host with onnxruntime, a multi-exit
-        ONNX model split in memory. backend trt runs `<stage>.plan` engines built with
-        `gdws-deploy build` beside each stage's ONNX file."""
+        """A stage folder `exits split` wrote. backend trt runs `<stage>.plan` engines built
+        with `gdws-deploy build` beside each stage's ONNX file. (On the host,
+        gdws_deploy.exits.split.open_staged also opens a multi-exit ONNX file as it is.)"""
         source = Path(path)
         if backend not in ("ort", "trt"):
             raise GdwsError(f"backend must be ort or trt, got {backend!r}")
-        if source.is_dir():
-            specs, policy, record = read_manifest(source)
-            files = [source / spec.file for spec in specs]
-            full: Union[Path, bytes] = source / record["full"]["file"]
-        elif source.is_file():
-            if backend != "ort":
-                raise GdwsError(
-                    f"TensorRT runs a stage folder: run `gdws-deploy exits split {source}`"
-                )
-            try:
-                from gdws_deploy.exits.split import split_model
-            except ImportError as error:  # the Jetson image has no onnx package
-                raise GdwsError(
-                    f"splitting {source} needs the onnx package ({error}); run "
-                    "`gdws-deploy exits split` on the host and open the folder"
-                ) from None
-            split = split_model(source)
-            specs, policy = split.specs(), split.policy
-            files = [stage.model.SerializeToString() for stage in split.stages]
-            full = split.full.SerializeToString()
-        else:
-            raise GdwsError(f"cannot read {source}: no such file or folder")
+        if not source.is_dir():
+            what = "is a file" if source.is_file() else "does not exist"
+            raise GdwsError(
+                f"{source} {what}: the staged runtime runs a stage folder "
+                f"(`gdws-deploy exits split MODEL.onnx -o FOLDER` makes one)"
+            )
+        specs, policy, record = read_manifest(source)
+        files = [source / spec.file for spec in specs]
+        full = source / record["full"]["file"]
         staged = cls.from_files(files, specs, policy, thresholds, backend, providers, threads)
-        staged.full = full if backend == "ort" else _engine_of(Path(str(full)))
+        staged.full = full if backend == "ort" else _engine_of(full)
         return staged
 
     @classmethod
