@@ -56,8 +56,12 @@ class OrtRunner(Runner):
         providers: Optional[Sequence[str]] = None,
         threads: int = 0,
         profile_prefix: Optional[str] = None,
+        spinning: bool = True,
     ) -> None:
         self.model = model
+        # False: idle threads sleep at once. Several sessions taking turns (the stages of a
+        # multi-exit model) otherwise burn the cores the running one needs.
+        self.spinning = spinning
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.threads = threads
         self.profile_prefix = profile_prefix  # set: onnxruntime profiles every node run
@@ -69,6 +73,8 @@ class OrtRunner(Runner):
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.profile_prefix is not None:
             options.enable_profiling = True
             options.profile_file_prefix = self.profile_prefix
