@@ -23,8 +23,8 @@ from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import check_and_infer, count_macs
 from gdws_deploy.pipeline.measure import count_parameters
 from gdws_deploy.pipeline.plot import sweep_figure
-from gdws_deploy.pipeline.sweep import run_sweep
 from gdws_deploy.pipeline.results import BenchSettings
+from gdws_deploy.pipeline.sweep import run_sweep
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.data import load_dataset
 from tests.cli_run import assert_one_line_error, run_cli
