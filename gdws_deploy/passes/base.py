@@ -138,3 +138,24 @@ class CompressionPass(abc.ABC):
             )
         hint = "; --all-layers converts the first" if "first conv" in kinds else ""
         return GdwsError(f"no Conv {self.label} can rewrite ({counted}){hint}")
+
+
+def without_gdws_settings(
+    options: ConvertOptions, method: str, takes: str, allocation: str, rule: str
+) -> ConvertOptions:
+    """`options` with the pass's own MAC allocation (`allocation`, described as `rule`);
+    GdwsError for what only GDWS reads: per-layer targets, alphas, loss curves, another
+    allocation rule. `takes`: the targets the pass takes, as the message names them."""
+    for name in ("beta", "budget"):
+        if getattr(options, name) is not None:
+            raise GdwsError(f"method {method!r} takes {takes}, not {name}")
+    if options.alphas is not None or options.loss_curves is not None:
+        raise GdwsError(
+            f"alphas and loss curves weight GDWS kernels: method {method!r} takes neither"
+        )
+    if options.allocation not in ("auto", allocation):
+        raise GdwsError(
+            f"method {method!r} shares a MAC target by {rule} (allocation {allocation!r}), "
+            f"not {options.allocation!r}"
+        )
+    return replace(options, allocation=allocation)

@@ -12,7 +12,6 @@ rules are GDWS's.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -24,7 +23,13 @@ from gdws_deploy.ir.graph import ConvLayer
 from gdws_deploy.passes.atmc.allocation import allocate_ranks
 from gdws_deploy.passes.atmc.factors import factorize, max_rank, rank_macs, spectrum
 from gdws_deploy.passes.atmc.rewrite import rewrite
-from gdws_deploy.passes.base import CompressionPass, LayerOption, Progress, Stage
+from gdws_deploy.passes.base import (
+    CompressionPass,
+    LayerOption,
+    Progress,
+    Stage,
+    without_gdws_settings,
+)
 from gdws_deploy.passes.gkp.compression import GkpPass
 
 if TYPE_CHECKING:
@@ -64,19 +69,13 @@ class AtmcPass(CompressionPass):
         """GdwsError for what only GDWS takes and for ATMC settings out of range; the
         allocation named as ATMC's."""
         check_settings(options)
-        for name in ("beta", "budget"):
-            if getattr(options, name) is not None:
-                raise GdwsError(f"method 'atmc' takes a MAC reduction or a rank share, not {name}")
-        if options.alphas is not None or options.loss_curves is not None:
-            raise GdwsError(
-                "alphas and loss curves weight GDWS kernels: method 'atmc' takes neither"
-            )
-        if options.allocation not in ("auto", ALLOCATION):
-            raise GdwsError(
-                f"method 'atmc' shares a MAC target by relative singular-value energy per MAC "
-                f"(allocation {ALLOCATION!r}), not {options.allocation!r}"
-            )
-        return replace(options, allocation=ALLOCATION)
+        return without_gdws_settings(
+            options,
+            "atmc",
+            "a MAC reduction or a rank share",
+            ALLOCATION,
+            "relative singular-value energy per MAC",
+        )
 
     def plan(
         self, analyzed: AnalyzedModel, layers: Sequence[ConvLayer], options: ConvertOptions

@@ -8,17 +8,22 @@ and the GDWS allocation rules are GDWS's.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.analyze import AnalyzedModel
 from gdws_deploy.ir.graph import ConvLayer
-from gdws_deploy.passes.base import FLOAT_WEIGHTS, CompressionPass, LayerOption, Progress, Stage
+from gdws_deploy.passes.base import (
+    FLOAT_WEIGHTS,
+    CompressionPass,
+    LayerOption,
+    Progress,
+    Stage,
+    without_gdws_settings,
+)
 from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
 from gdws_deploy.passes.gkp.kernels import cut_energy, prune_layer
 from gdws_deploy.passes.gkp.rewrite import rewrite
@@ -62,19 +67,9 @@ class GkpPass(CompressionPass):
         stage: Optional[Stage] = None,
     ) -> ConvertOptions:
         """GdwsError for what only GDWS takes; the allocation named as GKP's."""
-        for name in ("beta", "budget"):
-            if getattr(options, name) is not None:
-                raise GdwsError(f"method 'gkp' takes a MAC reduction only, not {name}")
-        if options.alphas is not None or options.loss_curves is not None:
-            raise GdwsError(
-                "alphas and loss curves weight GDWS kernels: method 'gkp' takes neither"
-            )
-        if options.allocation not in ("auto", ALLOCATION):
-            raise GdwsError(
-                f"method 'gkp' shares a MAC target by relative pruned energy per MAC "
-                f"(allocation {ALLOCATION!r}), not {options.allocation!r}"
-            )
-        return replace(options, allocation=ALLOCATION)
+        return without_gdws_settings(
+            options, "gkp", "a MAC reduction only", ALLOCATION, "relative pruned energy per MAC"
+        )
 
     def plan(
         self, analyzed: AnalyzedModel, layers: Sequence[ConvLayer], options: ConvertOptions
