@@ -48,6 +48,7 @@ from models.export import export_onnx
 from models.networks import multi_exit_vgg
 from models.train_robust import (
     Recipe,
+    add_recipe_arguments,
     build_model,
     conv_kernels,
     init_overlap,
@@ -167,19 +168,9 @@ def run(recipe: MultiExitRecipe, output: Path) -> Dict[str, object]:
 
 def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--output", default=None, help="ONNX path; JSON goes beside it")
-    parser.add_argument("--seed", type=int, default=0)
-    # 3, not the bundled model's 10: an epoch costs 1.3x as much, and on the shared
+    # 3 epochs, not the bundled model's 10: an epoch costs 1.3x as much, and on the shared
     # 2-core machine it took 4-7 minutes under a load average of 5-11
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--init-scale", type=float, default=0.1, help="conv init multiplier")
-    parser.add_argument("--eps", type=float, default=4.0, help="l_inf radius in 1/255 units")
-    parser.add_argument("--train-steps", type=int, default=5, help="PGD steps per batch")
-    parser.add_argument("--eval-steps", type=int, default=50, help="PGD steps when measuring")
-    parser.add_argument("--threads", type=int, default=2)
+    add_recipe_arguments(parser, epochs=3)
     parser.add_argument(
         "--exit-weights", default="1,1,1", help="loss weight of exit_0, exit_1, final"
     )

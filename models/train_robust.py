@@ -240,12 +240,11 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     )
 
 
-def main(argv: Sequence[str] = ()) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("photos", "digits"), default="photos")
+def add_recipe_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
+    """The flags of a training recipe (and its output), shared by the training scripts."""
     parser.add_argument("-o", "--output", default=None, help="ONNX path; JSON goes beside it")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
@@ -254,6 +253,12 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--train-steps", type=int, default=5, help="PGD steps per batch")
     parser.add_argument("--eval-steps", type=int, default=50, help="PGD steps when measuring")
     parser.add_argument("--threads", type=int, default=2)
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("photos", "digits"), default="photos")
+    add_recipe_arguments(parser, epochs=10)
     args = parser.parse_args(list(argv) or None)
     output = Path(args.output or Path(__file__).parent / f"robust_{args.dataset}.onnx")
     check_output_path(output)
