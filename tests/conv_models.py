@@ -154,3 +154,16 @@ def run(model: onnx.ModelProto, batch: np.ndarray) -> np.ndarray:
 
 def node_names(model: onnx.ModelProto) -> list:
     return [node.name for node in model.graph.node]
+
+
+def mixed_chain() -> onnx.ModelProto:
+    """3x3 convs of 32-48 input channels (one strided), a 1x1 conv, an output count 8 does
+    not divide, and a grouped conv: what the compression passes take and skip."""
+    specs = [
+        ConvSpec(32, weights="random", pads=(1, 1, 1, 1), name="stem"),
+        ConvSpec(48, weights="random", pads=(1, 1, 1, 1), name="wide"),
+        ConvSpec(40, kernel=(1, 1), weights="random", name="point"),
+        ConvSpec(36, weights="random", strides=(2, 2), name="odd"),
+        ConvSpec(32, weights="random", group=4, name="grouped"),
+    ]
+    return conv_chain(specs, input_shape=(8, 12, 12))

@@ -3,6 +3,7 @@ same pipeline as GDWS (registry, selection, plan, write, verify, parity, report)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ from gdws_deploy.passes import registry
 from gdws_deploy.passes.base import CompressionPass, LayerOption
 from gdws_deploy.passes.gdws.compression import GdwsPass
 from gdws_deploy.pipeline.convert import convert, convert_file
-from tests.conv_models import ConvSpec, conv_chain
+from tests.conv_models import ConvSpec, conv_chain, mixed_chain
 
 
 class FilterRank1Pass(CompressionPass):
@@ -168,3 +169,26 @@ def test_gdws_selection_gives_its_reasons_before_the_first_conv_rule():
     selected = {layer.name: layer.skipped for layer in GdwsPass().select(analyze(model)).convs}
     assert generic == {"a": "first conv (kept dense; --all-layers converts it)", "b": None}
     assert selected == {"a": "grouped conv (group=2)", "b": None}
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "robust_photos.onnx"
+
+
+@pytest.mark.parametrize("method", ["gkp", "atmc"])
+@pytest.mark.parametrize("reduction", [1.5, 2.0, 3.0])
+def test_mac_target_is_reached_within_one_percent_on_a_conv_chain(method, reduction):
+    converted, report = convert(mixed_chain(), method=method, mac_reduction=reduction)
+    assert reduction <= report.reduction <= reduction * 1.01
+    assert sum(count_macs(converted, check_and_infer(converted)).values()) == report.macs_after
+    rows = {row.name: row for row in report.layers}
+    assert rows["grouped"].skipped == "grouped conv (group=4)"
+    assert report.method == method and report.allocation == "relative"
+    assert report.parity is not None and report.parity > 0
+
+
+@pytest.mark.parametrize("method", ["gkp", "atmc"])
+@pytest.mark.parametrize("reduction", [1.5, 3.0])
+def test_mac_target_is_reached_within_one_percent_on_the_bundled_model(method, reduction):
+    converted, report = convert(BUNDLED, method=method, mac_reduction=reduction)
+    assert reduction <= report.reduction <= reduction * 1.01
+    assert sum(count_macs(converted, check_and_infer(converted)).values()) == report.macs_after

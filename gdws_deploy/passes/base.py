@@ -19,7 +19,18 @@ import abc
 import fnmatch
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import onnx
 from onnx import TensorProto
@@ -159,3 +170,12 @@ def without_gdws_settings(
             f"not {options.allocation!r}"
         )
     return replace(options, allocation=allocation)
+
+
+def chosen_factors(
+    analyzed: AnalyzedModel, chosen: Mapping[int, LayerOption]
+) -> List[Tuple[ConvLayer, Any]]:
+    """(layer, factors) of each chosen layer, in graph order: what a pass's rewrite takes."""
+    return [
+        (layer, chosen[layer.index].factors) for layer in analyzed.convs if layer.index in chosen
+    ]

@@ -28,6 +28,7 @@ from gdws_deploy.passes.base import (
     LayerOption,
     Progress,
     Stage,
+    chosen_factors,
     without_gdws_settings,
 )
 from gdws_deploy.passes.gkp.compression import GkpPass
@@ -123,11 +124,7 @@ class AtmcPass(CompressionPass):
 
     def write(self, analyzed: AnalyzedModel, chosen: Mapping[int, LayerOption]) -> onnx.ModelProto:
         """The model itself when no layer is factored."""
-        factored = [
-            (layer, chosen[layer.index].factors)
-            for layer in analyzed.convs
-            if layer.index in chosen
-        ]
+        factored = chosen_factors(analyzed, chosen)
         return rewrite(analyzed.model, factored) if factored else analyzed.model
 
 

@@ -22,6 +22,7 @@ from gdws_deploy.passes.base import (
     LayerOption,
     Progress,
     Stage,
+    chosen_factors,
     without_gdws_settings,
 )
 from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
@@ -97,11 +98,7 @@ class GkpPass(CompressionPass):
 
     def write(self, analyzed: AnalyzedModel, chosen: Mapping[int, LayerOption]) -> onnx.ModelProto:
         """The model itself when no layer is pruned."""
-        pruned = [
-            (layer, chosen[layer.index].factors)
-            for layer in analyzed.convs
-            if layer.index in chosen
-        ]
+        pruned = chosen_factors(analyzed, chosen)
         return rewrite(analyzed.model, pruned) if pruned else analyzed.model
 
 
