@@ -44,7 +44,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
     parser.add_argument("--train-attack-steps", type=int, default=5, help="PGD steps per batch")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--control",

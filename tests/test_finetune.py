@@ -135,7 +135,7 @@ def test_only_weight_values_change_the_graph_stays_byte_identical(digits):
 
 def test_exact_zeros_stay_zero_and_every_other_weight_moves(digits):
     model = classifier()
-    options = FinetuneOptions(steps=5, batch_size=32, attack=PGD, weight_decay=5e-4)
+    options = FinetuneOptions(steps=5, batch_size=32, lr=0.01, attack=PGD, weight_decay=5e-4)
     tuned, report = finetune(model, digits, options)
     before, after = values(model)["conv1.w"], values(tuned)["conv1.w"]
     zero = before == 0

@@ -87,11 +87,15 @@ class FinetuneOptions:
     (0: adversarial only, as Madry et al.). seed: batch order and PGD starts. mean/std:
     the per-channel normalization the model expects of [0, 1] images (None: none).
     device: where the mirror trains (a --device spec).
+
+    lr 0.001 by default: BatchNorm is folded into the exported weights, so nothing
+    normalizes a step; at 0.01 a GDWS-cut VGG-16 lost 9.5 points of robust accuracy in 150
+    steps where 0.001 won 1.8 back, and the bundled model recovers at either.
     """
 
     steps: int = 200
     batch_size: int = 64
-    lr: float = 0.01
+    lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 0.0
     attack: Optional[Attack] = field(default_factory=default_attack)

@@ -32,7 +32,7 @@ class FinetuneArgs(ArgGroup):
         click.option(
             "--lr",
             type=RATE,
-            default="0.01",
+            default="0.001",
             show_default=True,
             help="Initial learning rate, annealed to 0 over the steps (cosine).",
         ),
