@@ -26,6 +26,8 @@ from gdws_deploy.robustness.sensitivity import calibrate
 from tests.cli_run import assert_one_line_error, run_cli
 
 MAX_DROP = 0.05
+# the digits CNN's classifier weight (a --finetune stand-in changes it)
+GEMM_WEIGHT = "7.weight"
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +272,60 @@ def test_each_tuned_family_keeps_its_own_settings_after_calibration(digits_model
         aimed.describe_target()  # one valid target: raises on two speed goals
         assert aimed.speed_ratio == dict(knob.fixed).get("speed_ratio")
     assert len({id(options.spectra_cache) for options, _ in candidates}) == 1
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_every_probe_is_refined_before_it_is_judged_and_the_answer_is_refined(
+    digits_model, tmp_path
+):
+    """--finetune's hook: the search judges (and writes) the model it refined."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    refined = []
+
+    def halve_the_head(model: onnx.ModelProto) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        head = next(t for t in out.graph.initializer if t.name == GEMM_WEIGHT)
+        head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * 0.5, head.name))
+        refined.append(out)
+        return out
+
+    point = search_operating_point(
+        digits_model, MAX_DROP, quick_check(), tmp_path, grid=(1.5, 3.0), resolution=2,
+        refine=halve_the_head,
+    )  # fmt: skip
+    assert len(refined) == len(point.probes) >= 2
+    written = load_model(point.probes[0].model).model
+    head = next(t for t in written.graph.initializer if t.name == GEMM_WEIGHT)
+    original = next(
+        t for t in load_model(digits_model).model.graph.initializer if t.name == GEMM_WEIGHT
+    )
+    np.testing.assert_allclose(
+        numpy_helper.to_array(head), numpy_helper.to_array(original) * 0.5, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--finetune", "5"], "fine-tunes --max-robust-drop's probes"),
+        (["--finetune-data", "digits:train"], "--finetune-data needs --finetune STEPS"),
+        (["--max-robust-drop", "0.05", "--finetune", "5"], "--finetune needs --finetune-data"),
+        (
+            ["--max-robust-drop", "0.05", "--finetune", "5", "--finetune-data", "digits"],
+            "judging on the data fine-tuned on",
+        ),
+    ],
+)
+def test_finetune_flags_that_do_not_go_together_are_one_line_errors(
+    digits_model, tmp_path, capsys, extra, fragment
+):
+    output = tmp_path / "out.onnx"
+    args = ["convert", digits_model, "-o", output, "--dataset", "digits", *extra]
+    if "--max-robust-drop" not in extra:
+        args += ["--mac-reduction", "2"]
+    assert_one_line_error(run_cli(capsys, *args), fragment)
+    assert not output.exists()

@@ -16,6 +16,7 @@ from gdws_deploy.commands.args.check import CheckArgs
 from gdws_deploy.commands.args.convert import ConvertArgs
 from gdws_deploy.commands.args.data import DataArgs
 from gdws_deploy.commands.args.device import DeviceArgs
+from gdws_deploy.commands.args.finetune import SearchFinetuneArgs
 from gdws_deploy.commands.args.int8 import Int8Args
 from gdws_deploy.commands.args.workers import WorkersArgs
 from gdws_deploy.commands.render.console import stdout_console
@@ -27,6 +28,7 @@ from gdws_deploy.passes.int8 import QUANTIZE_ONLY
 
 DATA, ATTACKS, CONVERT = DataArgs(batch_size=128, required=False), AttackArgs(), ConvertArgs()
 CALIBRATION = CalibrationArgs(CheckArgs(DATA, ATTACKS))
+SEARCH_FINETUNE = SearchFinetuneArgs()
 DEVICE, WORKERS, INT8 = DeviceArgs(providers=True), WorkersArgs(), Int8Args()
 
 
@@ -53,6 +55,7 @@ DEVICE, WORKERS, INT8 = DeviceArgs(providers=True), WorkersArgs(), Int8Args()
 @CONVERT.allocation
 @INT8
 @CALIBRATION
+@SEARCH_FINETUNE
 @DATA
 @ATTACKS
 @DEVICE
@@ -89,6 +92,7 @@ def convert_command(
     errors, console = Console(stderr=True), stdout_console()
     existed = output.exists()
     check, search = CALIBRATION.build(flags), None
+    refine = SEARCH_FINETUNE.build(flags, check)
     if check is None:
         with LayerProgress(errors) as progress:
             report, rewritten = convert_file(
@@ -111,6 +115,7 @@ def convert_command(
                 max_clean_drop=flags["max_clean_drop"],
                 on_probe=said,
                 stage=lambda text: errors.print(f"[dim]{text}[/]"),
+                refine=refine,
             )
         except DropNotKeptError as error:
             console.print(search_table(error.point))

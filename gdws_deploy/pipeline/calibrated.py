@@ -19,6 +19,7 @@ from gdws_deploy.pipeline.operating_point import (
     Candidate,
     OperatingPoint,
     Probe,
+    Refine,
     check_max_drop,
     clean_budget,
     convert_within_drop,
@@ -52,6 +53,7 @@ def convert_calibrated(
     max_clean_drop: Optional[float] = None,
     on_probe: Optional[Callable[[Probe], None]] = None,
     stage: Optional[Stage] = None,
+    refine: Optional[Refine] = None,
 ) -> Tuple[Optional[OperatingPoint], ConvertReport, bool]:
     """Calibrate `options` on `check`, then convert `model` to `output` at options'
     target, or, given max_robust_drop, search for the fastest conversion whose robust drop
@@ -61,7 +63,8 @@ def convert_calibrated(
 
     Returns the search (None without max_robust_drop), the report and whether `output`
     holds a rewritten model. stage: told when calibration starts (the conversions are
-    quiet); on_probe: each probe of the search as it is measured. Raises DropNotKeptError
+    quiet); on_probe: each probe of the search as it is measured; refine: what each probe
+    goes through before it is judged (the search's answer is the refined model). Raises DropNotKeptError
     (a GdwsError) when no target keeps the drop. The output path and the drop are
     checked before any work.
     """
@@ -82,6 +85,7 @@ def convert_calibrated(
         _candidates(model, check, options),
         max_clean_drop=max_clean_drop,
         on_probe=on_probe,
+        refine=refine,
     )
     if report is None:
         raise DropNotKeptError(point)

@@ -149,6 +149,10 @@ class OperatingPoint:
         }
 
 
+# A step every probe's model takes before it is judged (search_operating_point's refine).
+Refine = Callable[[onnx.ModelProto], onnx.ModelProto]
+
+
 def check_max_drop(max_drop: float, name: str = "max robust drop") -> float:
     """A drop is a fraction of accuracy in [0, 1): 0.01 is one point."""
     if not (math.isfinite(max_drop) and 0 <= max_drop < 1):
@@ -177,6 +181,7 @@ def search_operating_point(
     grid: Optional[Sequence[float]] = None,
     resolution: float = RESOLUTION,
     on_probe: Optional[Callable[[Probe], None]] = None,
+    refine: Optional[Refine] = None,
 ) -> OperatingPoint:
     """Search `model` (a path, or a LoadedModel a caller holds) for the fastest conversion
     whose robust drop under `check` stays within `max_drop` and clean drop within
@@ -187,7 +192,9 @@ def search_operating_point(
     that family is converted with (calibrated for its rule) and the knob it turns; plain
     options search each of knobs_for(options). A SpectraCache and, when tuned, a tune
     cache in `workdir` are shared among them. grid: a coarse grid for every knob (default:
-    each knob's own).
+    each knob's own). refine: what every probe goes through before it is judged (a short
+    robust fine-tune: `finetune` wins back much of what aggressive cuts lose, so the search
+    must judge the model it will write).
     """
     check_max_drop(max_drop)
     clean = clean_budget(max_drop, max_clean_drop)
@@ -206,7 +213,7 @@ def search_operating_point(
             probe = converted
         else:
             path = Path(workdir) / f"probe{len(probes):02d}-{options.allocation}-{target:g}.onnx"
-            save_model(converted[0], path, like=loaded)
+            save_model(refine(converted[0]) if refine else converted[0], path, like=loaded)
             judged = _judged(converted[1], target, options.allocation, path, check, baseline)
             probe = replace(judged, knob=knob.label, within=_keeps(judged, max_drop, clean))
         probes.append(probe)
@@ -242,6 +249,7 @@ def convert_within_drop(
     *,
     max_clean_drop: Optional[float] = None,
     on_probe: Optional[Callable[[Probe], None]] = None,
+    refine: Optional[Refine] = None,
 ) -> Tuple[OperatingPoint, Optional[ConvertReport]]:
     """`convert --max-robust-drop`: search, then write the chosen probe's model to `output`
     as convert_file would (its parity checked when the options say so).
@@ -262,6 +270,7 @@ def convert_within_drop(
             candidates,
             max_clean_drop=max_clean_drop,
             on_probe=on_probe,
+            refine=refine,
         )
         best = point.best
         report = None
