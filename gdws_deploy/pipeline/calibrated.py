@@ -64,9 +64,9 @@ def convert_calibrated(
     Returns the search (None without max_robust_drop), the report and whether `output`
     holds a rewritten model. stage: told when calibration starts (the conversions are
     quiet); on_probe: each probe of the search as it is measured; refine: what each probe
-    goes through before it is judged (the search's answer is the refined model). Raises DropNotKeptError
-    (a GdwsError) when no target keeps the drop. The output path and the drop are
-    checked before any work.
+    goes through before it is judged (the search's answer is the refined model). Raises
+    DropNotKeptError (a GdwsError) when no target keeps the drop. The output path and the
+    drop are checked before any work.
     """
     check_output_path(output, model)
     if max_robust_drop is not None:
