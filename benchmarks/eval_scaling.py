@@ -27,6 +27,8 @@ from typing import Callable, Dict, Sequence
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from gdws_deploy.robustness.attacks import make_attacks
 from gdws_deploy.robustness.data import Dataset
 from gdws_deploy.robustness.evaluate import EvalReport, evaluate
