@@ -17,12 +17,10 @@ classifier of its own) and the cumulative MACs to reach it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
@@ -33,10 +31,9 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdws_deploy.atomic import atomic_open, check_output_path
+from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.exits.split import split_model
-from gdws_deploy.passes.gdws.spectra import onnx_conv_spectra
 from gdws_deploy.robustness.attacks import pgd
 from gdws_deploy.robustness.evaluate import evaluate
 from gdws_deploy.robustness.exit_attacks import (
@@ -51,11 +48,13 @@ from models.train_robust import (
     add_recipe_arguments,
     build_model,
     conv_kernels,
-    init_overlap,
     load_split,
+    model_facts,
     recipe_from_args,
     run_script,
     train,
+    training_facts,
+    write_record,
 )
 
 OUTPUTS = ("exit_0", "exit_1", "final")
@@ -132,37 +131,18 @@ def run(recipe: MultiExitRecipe, output: Path) -> Dict[str, object]:
             }
         )
     record = {
-        "model": output.name,
-        "architecture": "models.networks.multi_exit_vgg",
-        "input_shape": ["batch", *input_shape[1:]],
-        "input_range": [0.0, 1.0],
-        "classes": int(train_data.y.max()) + 1,
+        **model_facts(output, "models.networks.multi_exit_vgg", input_shape, train_data, test_data),
         "outputs": list(OUTPUTS),
-        "dataset": {
-            "train": train_data.name,
-            "test": test_data.name,
-            "train_samples": len(train_data),
-            "test_samples": len(test_data),
-        },
         # MACs at batch 1: to reach each exit (heads of earlier exits included), and of the
         # single-pass model (final alone), which macs_share is a share of.
         "full_macs": policy.full_macs,
         # Each exit attacked (PGD on its own loss) and judged (onnxruntime) on its own.
         "exits": exits,
-        "recipe": asdict(recipe),
-        "kernel_spectra": onnx_conv_spectra(exported),
-        "init_overlap": init_overlap(conv_kernels(model), initial),
-        "train_seconds": round(train_seconds, 1),
-        "load_average": {"train_start": load_before, "train_end": load_after},
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
+        **training_facts(
+            recipe, exported, model, initial, train_seconds, (load_before, load_after)
+        ),
     }
-    with atomic_open(output.with_suffix(".json")) as handle:
-        json.dump(record, handle, indent=2)
-        handle.write("\n")
+    write_record(output, record)
     return record
 
 

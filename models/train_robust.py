@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import onnx
 import torch
@@ -187,38 +187,68 @@ def run(recipe: Recipe, output: Path) -> Dict[str, object]:
     start = time.perf_counter()
     train(recipe, model, train_data)
     train_seconds = time.perf_counter() - start
+    load = (load_before, os.getloadavg()[0])
     input_shape = (1, *test_data.x.shape[1:])
     export_onnx(model, output, input_shape)
     report = evaluate(output, test_data, [recipe.eval_attack], seed=recipe.seed)
     record = {
+        **model_facts(output, "models.networks.small_vgg", input_shape, train_data, test_data),
+        "test_accuracy": {**report.to_dict(), "model": output.name},
+        **training_facts(recipe, onnx.load(str(output)), model, initial, train_seconds, load),
+    }
+    write_record(output, record)
+    return record
+
+
+def model_facts(
+    output: Path, architecture: str, input_shape: Sequence[int], train: Dataset, test: Dataset
+) -> Dict[str, object]:
+    """What a model record opens with: the file, its network, input and data."""
+    return {
         "model": output.name,
-        "architecture": "models.networks.small_vgg",
+        "architecture": architecture,
         "input_shape": ["batch", *input_shape[1:]],
         "input_range": [0.0, 1.0],
-        "classes": int(train_data.y.max()) + 1,
+        "classes": int(train.y.max()) + 1,
         "dataset": {
-            "train": train_data.name,
-            "test": test_data.name,
-            "train_samples": len(train_data),
-            "test_samples": len(test_data),
+            "train": train.name,
+            "test": test.name,
+            "train_samples": len(train),
+            "test_samples": len(test),
         },
-        "test_accuracy": {**report.to_dict(), "model": output.name},
+    }
+
+
+def training_facts(
+    recipe: Recipe,
+    exported: onnx.ModelProto,
+    model: nn.Module,
+    initial: Sequence[torch.Tensor],
+    train_seconds: float,
+    load: Tuple[float, float],
+) -> Dict[str, object]:
+    """How it was trained and what its kernels became: recipe, kernel structure, time,
+    load (the 1-minute load average when training started and ended: the machine may be
+    shared) and environment."""
+    return {
         "recipe": asdict(recipe),
-        "kernel_spectra": onnx_conv_spectra(onnx.load(str(output))),
+        "kernel_spectra": onnx_conv_spectra(exported),
         "init_overlap": init_overlap(conv_kernels(model), initial),
         "train_seconds": round(train_seconds, 1),
-        # The machine may be shared: the 1-minute load average says how much it was.
-        "load_average": {"train_start": load_before, "train_end": os.getloadavg()[0]},
+        "load_average": {"train_start": load[0], "train_end": load[1]},
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
         },
     }
+
+
+def write_record(output: Path, record: Dict[str, object]) -> None:
+    """The JSON record beside the model, written atomically."""
     with atomic_open(output.with_suffix(".json")) as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")
-    return record
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
