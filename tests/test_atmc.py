@@ -5,12 +5,8 @@ the CLI."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +33,7 @@ from gdws_deploy.pipeline.convert import convert, convert_file
 from gdws_deploy.robustness.mirror import OnnxMirror
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import ConvSpec, conv_chain, mixed_chain
+from tests.tensorrt_rtx import assert_parses, needs_tensorrt_rtx
 
 PHOTOS = Path(__file__).resolve().parents[1] / "models" / "robust_photos.onnx"
 
@@ -304,20 +301,9 @@ def test_cli_bad_atmc_input_is_a_one_line_error_and_writes_nothing(capsys, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None,
-    reason="tensorrt-rtx-cu12 is not installed (pip install tensorrt-rtx-cu12)",
-)
+@needs_tensorrt_rtx
 def test_tensorrt_rtx_parser_accepts_the_factored_form_with_its_residual(tmp_path):
     source, output = tmp_path / "chain.onnx", tmp_path / "chain.atmc.onnx"
     onnx.save(mixed_chain(), str(source))
     convert_file(source, output, method="atmc", mac_reduction=2, sparsity=0.05, bits=4)
-    done = subprocess.run(  # its own process: two TensorRT flavours in one process crash
-        [sys.executable, "-m", "gdws_deploy.cli", "build", str(output), "--parse-only"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "GDWS_TENSORRT": "tensorrt_rtx"},
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "TensorRT-RTX" in done.stdout and "accepted:" in done.stdout
+    assert_parses(output)

@@ -8,11 +8,7 @@ tensor of the first stage (handed past the middle stage).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +33,7 @@ from gdws_deploy.runtime.staged import (
 )
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import ConvSpec, conv_chain
+from tests.tensorrt_rtx import assert_parses, needs_tensorrt_rtx
 
 
 class MultiExit(nn.Module):
@@ -329,23 +326,12 @@ def test_tensorrt_backend_asks_for_the_stage_engines(models, tmp_path, capsys):
         StagedModel.open(stages, backend="trt")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx-cu12 is not installed"
-)
+@needs_tensorrt_rtx
 def test_tensorrt_parser_accepts_every_stage(models, tmp_path, capsys):
     stages = tmp_path / "stages"
     assert run_cli(capsys, "exits", "split", models["skip"], "-o", stages).code == 0
-    environment = {**os.environ, "GDWS_TENSORRT": "tensorrt_rtx"}
     for model in sorted(stages.glob("*.onnx")):
-        done = subprocess.run(
-            [sys.executable, "-m", "gdws_deploy.cli", "build", str(model), "--parse-only"],
-            capture_output=True,
-            text=True,
-            env=environment,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "accepted:" in done.stdout
+        assert_parses(model)
 
 
 def test_calibrated_convert_of_a_multi_exit_model_is_one_line_and_writes_nothing(

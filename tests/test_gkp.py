@@ -4,11 +4,7 @@ the torch mirror, TensorRT-RTX's parser and the CLI."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +29,7 @@ from gdws_deploy.pipeline.convert import convert, convert_file
 from gdws_deploy.robustness.mirror import OnnxMirror
 from tests.cli_run import assert_one_line_error, run_cli
 from tests.conv_models import ConvSpec, conv_chain, mixed_chain
+from tests.tensorrt_rtx import assert_parses, needs_tensorrt_rtx
 
 PHOTOS = Path(__file__).resolve().parents[1] / "models" / "robust_photos.onnx"
 
@@ -225,23 +222,12 @@ def test_cli_gkp_with_a_gdws_flag_is_a_one_line_error(capsys, tmp_path, flags, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None,
-    reason="tensorrt-rtx-cu12 is not installed (pip install tensorrt-rtx-cu12)",
-)
+@needs_tensorrt_rtx
 def test_tensorrt_rtx_parser_accepts_the_grouped_form(tmp_path):
     source, output = tmp_path / "chain.onnx", tmp_path / "chain.gkp.onnx"
     onnx.save(mixed_chain(), str(source))
     convert_file(source, output, method="gkp", mac_reduction=2, check_parity=False)
-    done = subprocess.run(  # its own process: two TensorRT flavours in one process crash
-        [sys.executable, "-m", "gdws_deploy.cli", "build", str(output), "--parse-only"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "GDWS_TENSORRT": "tensorrt_rtx"},
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "TensorRT-RTX" in done.stdout and "accepted:" in done.stdout
+    assert_parses(output)
 
 
 def test_cli_sweep_with_method_gkp_measures_without_calibrating(capsys, tmp_path):

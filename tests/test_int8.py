@@ -3,12 +3,8 @@ mirror, the pipeline's --int8 and --method int8, and eval on an INT8 model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gdws_deploy.robustness.data import load_dataset
 from gdws_deploy.robustness.mirror import OnnxMirror
+from tests.tensorrt_rtx import assert_parses, needs_tensorrt_rtx
 
 BUNDLED = Path(__file__).resolve().parents[1] / "models" / "robust_photos.onnx"
 CALIBRATION_SAMPLES = 256
@@ -408,10 +405,7 @@ def test_eval_attacks_the_int8_model_through_the_mirror_and_judges_the_file(
     assert report["robust"] < report["clean"]  # the attack got gradients through Q/DQ
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None,
-    reason="tensorrt-rtx-cu12 is not installed (pip install tensorrt-rtx-cu12)",
-)
+@needs_tensorrt_rtx
 def test_tensorrt_rtx_parser_accepts_the_int8_models(tmp_path, calibration):
     """TensorRT's own ONNX parser imports both as explicit INT8 (its parser refuses an
     int32 bias DequantizeLinear, which is why the bias stays float)."""
@@ -420,15 +414,7 @@ def test_tensorrt_rtx_parser_accepts_the_int8_models(tmp_path, calibration):
     for name, changes in (("int8", {"method": "int8"}), ("gdws.int8", {"mac_reduction": 2})):
         output = tmp_path / f"photos.{name}.onnx"
         convert_file(BUNDLED, output, int8=True, int8_calibration=calibration[:32], **changes)
-        done = subprocess.run(  # its own process: two TensorRT flavours in one process crash
-            [sys.executable, "-m", "gdws_deploy.cli", "build", str(output), "--parse-only"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "GDWS_TENSORRT": "tensorrt_rtx"},
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "TensorRT-RTX" in done.stdout and "accepted:" in done.stdout
+        assert_parses(output)
 
 
 def test_int8_weights_are_counted_at_eight_bits(bundled_int8):

@@ -8,29 +8,18 @@ crashes, so the test process itself never imports TensorRT.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.runtime_models import foreign_op_graph, gdws_cnn, small_cnn
+from tests.tensorrt_rtx import needs_tensorrt_rtx, trt_cli
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None,
-    reason="tensorrt-rtx-cu12 is not installed (pip install tensorrt-rtx-cu12)",
-)
+pytestmark = needs_tensorrt_rtx
 DYNAMIC = ("--min-shapes", "images:1x4x8x8", "--opt-shapes", "images:8x4x8x8")
 DYNAMIC += ("--max-shapes", "images:32x4x8x8")
-
-
-def trt_cli(*args) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "GDWS_TENSORRT": "tensorrt_rtx"}
-    command = [sys.executable, "-m", "gdws_deploy.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
 
 
 def one_line_error(done: subprocess.CompletedProcess) -> str:
