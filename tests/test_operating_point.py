@@ -329,3 +329,18 @@ def test_finetune_flags_that_do_not_go_together_are_one_line_errors(
         args += ["--mac-reduction", "2"]
     assert_one_line_error(run_cli(capsys, *args), fragment)
     assert not output.exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_search_with_finetune_writes_a_fine_tuned_answer_and_says_so(
+    digits_model, tmp_path, capsys
+):
+    output = tmp_path / "out.onnx"
+    result = run_cli(
+        capsys, "convert", digits_model, "-o", output, "--max-robust-drop", "0.05",
+        "--dataset", "digits", "--limit", "60", "--steps", "2", "--eps", "0.05",
+        "--finetune", "2", "--finetune-data", "digits:train",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "every probe was fine-tuned 2 steps on digits:train" in result.out
+    assert output.exists()

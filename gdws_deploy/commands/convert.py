@@ -122,6 +122,13 @@ def convert_command(
             raise
         if search is not None:
             console.print(search_table(search))
+        if refine is not None:
+            console.print(
+                f"every probe was fine-tuned {flags['finetune']} steps on "
+                f"{flags['finetune_data']} before it was judged; {output} is fine-tuned too",
+                markup=False,
+                highlight=False,
+            )
     console.print(layer_table(report))
     console.print(totals(report))
     warnings(report, options, rewritten, errors)
