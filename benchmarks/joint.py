@@ -103,12 +103,12 @@ def main(argv: Sequence[str] = ()) -> int:
             rows.append(_converted(args.model, work, label, base, changes, calibrated, calib))
             print(f"[{time.perf_counter() - start:.0f} s] {label}: converted", file=sys.stderr)
         if not args.no_search:
-            rows.append(_searched(args, work, base, calib))
+            rows.append(_searched(args, work, base, calib, _refine(args)))
             print(f"[{time.perf_counter() - start:.0f} s] search done", file=sys.stderr)
         _measure_speed(rows, args.batch, args.threads)
         if args.finetune:
             train = load_dataset(args.train)
-            for row in [row for row in rows[1:] if not row.failed]:
+            for row in [row for row in rows[1:] if not (row.failed or row.searched)]:
                 rows.append(_finetuned(row, work, train, args))
                 print(
                     f"[{time.perf_counter() - start:.0f} s] {row.label}: fine-tuned",
@@ -154,11 +154,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="STEPS",
-        help="also fine-tune every conversion this many steps (gdws-deploy finetune) on --train",
+        help="also fine-tune every conversion this many steps (gdws-deploy finetune) on "
+        "--train; the search fine-tunes every probe before judging it (convert --finetune)",
     )
     parser.add_argument("--train", default="photos:train", help="split fine-tuned on")
     parser.add_argument("--finetune-attack-steps", type=int, default=5)
-    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-lr", type=float, default=0.001)
     return parser
 
 
@@ -168,9 +169,9 @@ def _chosen_rows(indices: Optional[str]) -> Sequence[tuple]:
     return [ROWS[int(index)] for index in indices.split(",")]
 
 
-def _finetuned(row: Row, work: Path, train: Dataset, args: argparse.Namespace) -> Row:
-    """The conversion fine-tuned: the same graph (so the same speed), new weight values."""
-    from gdws_deploy.robustness.finetune import FinetuneOptions, finetune_file
+def _finetune_options(args: argparse.Namespace):
+    """The fine-tune every row (and every probe of the search) gets."""
+    from gdws_deploy.robustness.finetune import FinetuneOptions
 
     (attack,) = make_attacks(
         "pgd-linf",
@@ -178,9 +179,25 @@ def _finetuned(row: Row, work: Path, train: Dataset, args: argparse.Namespace) -
         args.finetune_attack_steps,
         {"linf": parse_fraction(args.step_size)} if args.step_size else None,
     )
-    options = FinetuneOptions(steps=args.finetune, lr=args.finetune_lr, attack=attack)
+    return FinetuneOptions(steps=args.finetune, lr=args.finetune_lr, attack=attack)
+
+
+def _refine(args: argparse.Namespace):
+    """The search's refine: each probe fine-tuned as the rows are (None without it)."""
+    if not args.finetune:
+        return None
+    from gdws_deploy.robustness.finetune import finetune
+
+    train, options = load_dataset(args.train), _finetune_options(args)
+    return lambda model: finetune(model, train, options)[0]
+
+
+def _finetuned(row: Row, work: Path, train: Dataset, args: argparse.Namespace) -> Row:
+    """The conversion fine-tuned: the same graph (so the same speed), new weight values."""
+    from gdws_deploy.robustness.finetune import finetune_file
+
     path = work / f"{row.path.stem}.finetuned.onnx"
-    finetune_file(row.path, path, train, options)
+    finetune_file(row.path, path, train, _finetune_options(args))
     label = f"{row.label} + finetune {args.finetune} steps"
     return Row(label, path, row.report, row.seconds, searched=row.searched)
 
@@ -218,13 +235,17 @@ def _converted(
     return Row(label, path, report)
 
 
-def _searched(args: argparse.Namespace, work: Path, base: ConvertOptions, calib) -> Row:
+def _searched(
+    args: argparse.Namespace, work: Path, base: ConvertOptions, calib, refine=None
+) -> Row:
     label = f"--max-robust-drop {args.max_robust_drop:g} --dataset CALIB --tune ort"
+    if refine is not None:
+        label += f" --finetune {args.finetune}"
     path = work / "searched.onnx"
     options = ConvertOptions.of(base, tune="ort", check_parity=False, allocation=args.allocation)
     try:
         point, report, _ = convert_calibrated(
-            args.model, path, options, calib, args.max_robust_drop, on_probe=_said
+            args.model, path, options, calib, args.max_robust_drop, on_probe=_said, refine=refine
         )
     except DropNotKeptError as error:
         print(error, file=sys.stderr)
@@ -240,15 +261,7 @@ def _searched(args: argparse.Namespace, work: Path, base: ConvertOptions, calib)
 
 
 def _said(probe) -> None:
-    if probe.drop is None:
-        print(f"  probe {probe.rule} {probe.target:g}: out of reach", file=sys.stderr)
-        return
-    verdict = "within" if probe.within else "beyond"
-    print(
-        f"  probe {probe.rule} {probe.target:g}: {probe.speedup or 0:.2f}x faster, robust "
-        f"{probe.drop:+.1%}, clean {probe.clean_drop:+.1%}, {verdict}",
-        file=sys.stderr,
-    )
+    print(f"  probe {probe.summary}", file=sys.stderr)
 
 
 def _measure_speed(rows: List[Row], batch: int, threads: Optional[int]) -> None:

@@ -16,10 +16,13 @@ from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.calibrated import DropNotKeptError, _candidates, convert_calibrated
 from gdws_deploy.pipeline.operating_point import (
+    MAC_TARGET,
     RESOLUTION,
+    Probe,
     TUNE_CACHE_NAME,
     check_max_drop,
     clean_budget,
+    _bracket,
     search_operating_point,
 )
 from gdws_deploy.robustness.sensitivity import calibrate
@@ -260,12 +263,12 @@ def test_each_tuned_family_keeps_its_own_settings_after_calibration(digits_model
     """Calibration is shared by families measured alike, its products only: the speed-up
     family must not inherit the other family's speed ratio (two speed goals at once)."""
     candidates = _candidates(digits_model, quick_check(), ConvertOptions(tune="ort"))
-    # the tuned MAC target under both rules, each speed family under the relative rule
+    # each speed family under the relative rule first, then the tuned MAC target under both
     assert [(options.allocation, knob.label) for options, knob in candidates] == [
-        ("relative", "mac_reduction"),
-        ("measured", "mac_reduction"),
         ("relative", "mac_reduction speed_ratio=0.8"),
         ("relative", "speedup"),
+        ("relative", "mac_reduction"),
+        ("measured", "mac_reduction"),
     ]
     for options, knob in candidates:
         aimed = knob.options(options, 2.0)
@@ -306,6 +309,64 @@ def test_every_probe_is_refined_before_it_is_judged_and_the_answer_is_refined(
     np.testing.assert_allclose(
         numpy_helper.to_array(head), numpy_helper.to_array(original) * 0.5, rtol=1e-6
     )
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_probe_no_faster_than_one_kept_is_neither_refined_nor_judged(digits_model, tmp_path):
+    """A second family's probes that cannot beat the answer cost a conversion only (a
+    fine-tune each, under --finetune, otherwise); the bracket climbs past them."""
+    refined = []
+
+    def count(model):
+        refined.append(model)
+        return model
+
+    options = ConvertOptions(allocation="relative")
+    point = search_operating_point(
+        digits_model, 0.99, quick_check(), tmp_path, [(options, MAC_TARGET)] * 2,
+        grid=(1.5, 2.0), resolution=2, refine=count,
+    )  # fmt: skip
+    first, second = point.probes[:2], point.probes[2:]
+    assert [p.target for p in first] == [1.5, 2.0] and all(p.within for p in first)
+    assert [p.target for p in second] == [1.5, 2.0]  # climbed past the first, too
+    for probe in second:
+        assert probe.dominated and not probe.within and probe.drop is None
+        assert probe.model is None and "not judged" in probe.note
+        assert probe.gain <= first[1].gain
+    assert len(refined) == 2 and point.best == first[1]
+
+
+@pytest.mark.parametrize("answer", [1.2, 1.5, 2.7, 5.0, 7.9, 9.0])
+def test_the_bracket_binary_searches_the_grid_then_bisects(answer):
+    """Within iff target <= answer: the grid costs log2 probes, and the bracket closes on
+    the answer to the resolution."""
+    grid, probed = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0), []
+
+    def run(target: float) -> Probe:
+        probed.append(target)
+        return Probe(target, within=target <= answer)
+
+    _bracket(run, grid, RESOLUTION)
+    on_grid = [t for t in probed if t in grid]
+    assert len(on_grid) <= 3 and on_grid == probed[: len(on_grid)]
+    within = [t for t in probed if t <= answer]
+    beyond = [t for t in probed if t > answer]
+    low = max(within, default=1.0)
+    if answer >= grid[-1]:
+        assert not beyond and low == grid[-1]
+    else:
+        assert low <= answer < min(beyond) <= low * (1 + RESOLUTION)
+
+
+def test_a_dominated_probe_climbs_the_bracket():
+    probed = []
+
+    def run(target: float) -> Probe:
+        probed.append(target)
+        return Probe(target, within=False, dominated=target < 3, note="not judged")
+
+    _bracket(run, (1.5, 2.0, 3.0, 4.0), RESOLUTION)
+    assert probed[:2] == [2.0, 3.0] and all(t >= 2.0 for t in probed)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from gdws_deploy.commands.args.workers import WorkersArgs
 from gdws_deploy.commands.render.console import stdout_console
 from gdws_deploy.commands.render.convert import layer_table, totals, warnings
 from gdws_deploy.commands.render.progress import LayerProgress
-from gdws_deploy.commands.render.sweep import probe_line, search_table
+from gdws_deploy.commands.render.sweep import search_table
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.passes.int8 import QUANTIZE_ONLY
 
@@ -102,8 +102,7 @@ def convert_command(
         from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
 
         def said(probe) -> None:
-            if probe.drop is not None:
-                errors.print(f"[dim]{probe_line(probe)}[/]")
+            errors.print(f"[dim]probe {probe.summary}[/]")
 
         try:
             search, report, rewritten = convert_calibrated(

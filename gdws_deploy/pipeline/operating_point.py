@@ -5,8 +5,11 @@ clean accuracy)", not for a beta. What is searched is a knob of the conversion, 
 more families: tuned on a backend, a speed-up goal and a MAC target whose speed-up must
 follow its MACs (speed is then measured; a plain MAC target tuned afterwards gives much of
 its time back), else a MAC-reduction target. Per family and allocation rule tried, a coarse
-grid going up brackets the answer (the last knob value within the budget, the first beyond
-it), then bisection in log space narrows the bracket to `resolution`. Every probe is
+grid brackets the answer (the last knob value within the budget, the first beyond it:
+a binary search over the grid, as a probe can cost a fine-tune), then bisection in log
+space narrows the bracket to `resolution`. A probe that converts no faster than a probe
+already kept is not judged (nor fine-tuned): it cannot be the answer, and the bracket
+climbs past it. Every probe is
 converted with its rule's calibrated options (one SVD per layer in all, through a shared
 SpectraCache; one tune cache, so each layer form is timed once) and judged by the same
 RobustnessCheck as the original, on the same samples, so a probe's drop is measured, not
@@ -65,7 +68,8 @@ MAC_TARGET = Knob("mac_reduction", (1.5, 2.0, 3.0, 4.0, 6.0, 8.0))
 # VGG-16 the speed families reached 3.5-3.8x at 1-2 points of robust accuracy where the
 # tuned MAC target gave 1.5x; on the bundled 5-conv model every speed-family probe lost 4-60
 # points where the tuned MAC target kept 1.3x within one: no family wins on every model,
-# so a tuned search brackets all three.
+# so a tuned search brackets all three, the speed families first: where they win (the
+# real-size networks measured), the MAC target's slower probes are then not judged.
 SPEED_GOAL = Knob("speedup", (1.5, 2.0, 2.5, 3.0, 4.0, 5.0))
 EFFICIENT_MACS = Knob("mac_reduction", (1.5, 2.0, 2.5, 3.0, 4.0, 5.0), (("speed_ratio", 0.8),))
 # One family to bracket: the options its probes are converted with, and the knob it turns.
@@ -81,7 +85,7 @@ def knobs_for(options: ConvertOptions) -> Tuple[Knob, ...]:
     """A conversion tuned on a backend is searched in the speed families and by MAC
     target, an untuned one by MAC target."""
     tuned = options.tune is not None and options.lowering == "auto"
-    return (MAC_TARGET, EFFICIENT_MACS, SPEED_GOAL) if tuned else (MAC_TARGET,)
+    return (EFFICIENT_MACS, SPEED_GOAL, MAC_TARGET) if tuned else (MAC_TARGET,)
 
 
 def search_rules(options: ConvertOptions, knob: Knob = MAC_TARGET) -> Tuple[str, ...]:
@@ -100,7 +104,8 @@ class Probe:
 
     reduction etc. are None when the target is out of reach (`note` says how far one can
     go); speedup: measured against the original on the tune backend (None untuned); drop
-    and clean_drop: the original's accuracy minus this one's, on the same samples.
+    and clean_drop: the original's accuracy minus this one's, on the same samples (None
+    when not judged: out of reach, or `dominated`, no faster than a probe already kept).
     report: the conversion's own report (not serialized).
     """
 
@@ -117,12 +122,29 @@ class Probe:
     clean_drop: Optional[float] = None
     model: Optional[str] = None
     note: str = ""
+    dominated: bool = False
     report: Optional[ConvertReport] = field(default=None, compare=False, repr=False)
 
     @property
     def gain(self) -> float:
         """What the search maximizes: measured speed-up, else MAC reduction."""
         return self.speedup if self.speedup is not None else (self.reduction or 1.0)
+
+    @property
+    def summary(self) -> str:
+        """One line for progress output: what it reached and its verdict."""
+        head = f"{self.rule} {self.knob} {self.target:g}x"
+        if self.reduction is None:
+            return f"{head}: {self.note}"
+        speed = "" if self.speedup is None else f", {self.speedup:.2f}x faster"
+        reached = f"{head}: {self.reduction:.2f}x fewer MACs{speed}"
+        if self.drop is None:
+            return f"{reached} ({self.note})"
+        verdict = "within" if self.within else "beyond"
+        return (
+            f"{reached}, robust drop {self.drop:+.1%}, clean drop {self.clean_drop:+.1%} "
+            f"({verdict})"
+        )
 
     def to_dict(self) -> Dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "report"}
@@ -209,13 +231,21 @@ def search_operating_point(
 
     def run(options: ConvertOptions, knob: Knob, target: float) -> Probe:
         converted = _convert(loaded, options, knob, target)
+        kept = max((probe.gain for probe in probes if probe.within), default=None)
         if isinstance(converted, Probe):
             probe = converted
         else:
-            path = Path(workdir) / f"probe{len(probes):02d}-{options.allocation}-{target:g}.onnx"
-            save_model(refine(converted[0]) if refine else converted[0], path, like=loaded)
-            judged = _judged(converted[1], target, options.allocation, path, check, baseline)
-            probe = replace(judged, knob=knob.label, within=_keeps(judged, max_drop, clean))
+            reached = replace(_unjudged(converted[1], target, options), knob=knob.label)
+            if kept is not None and reached.gain <= kept:
+                note = f"not judged: gains no more than the {kept:.2f}x kept"
+                probe = replace(reached, dominated=True, note=note)
+            else:
+                path = (
+                    Path(workdir) / f"probe{len(probes):02d}-{options.allocation}-{target:g}.onnx"
+                )
+                save_model(refine(converted[0]) if refine else converted[0], path, like=loaded)
+                judged = _judged(reached, path, check, baseline)
+                probe = replace(judged, within=_keeps(judged, max_drop, clean))
         probes.append(probe)
         if on_probe is not None:
             on_probe(probe)
@@ -289,19 +319,29 @@ def convert_within_drop(
 
 
 def _bracket(run: Callable[[float], Probe], grid: Sequence[float], resolution: float) -> None:
-    """Probe up the grid to the first value beyond the budget, then bisect the bracket."""
-    low, high = 1.0, None
-    for target in grid:
-        if not run(target).within:
-            high = target
-            break
-        low = target
+    """Binary-search the grid for the last value within the budget and the first beyond
+    (log2 probes, not one per value: a probe can cost a fine-tune), then bisect between.
+    A dominated probe climbs: only a higher target can beat what is kept."""
+    below, above = -1, len(grid)  # indices: within (or 1.0), beyond (or none)
+    while above - below > 1:
+        middle = (below + above) // 2
+        if _climbs(run(grid[middle])):
+            below = middle
+        else:
+            above = middle
+    low = grid[below] if below >= 0 else 1.0
+    high = grid[above] if above < len(grid) else None
     while high is not None and high / low > 1 + resolution:
         probe = run(math.sqrt(low * high))
-        if probe.within:
+        if _climbs(probe):
             low = probe.target
         else:
             high = probe.target
+
+
+def _climbs(probe: Probe) -> bool:
+    """Whether the bracket goes above this probe."""
+    return probe.within or probe.dominated
 
 
 def _options(candidates: Union[ConvertOptions, Sequence[Candidate], None]) -> ConvertOptions:
@@ -352,27 +392,27 @@ def _keeps(probe: Probe, max_drop: float, max_clean_drop: float) -> bool:
     return probe.drop <= max_drop + 1e-12 and probe.clean_drop <= max_clean_drop + 1e-12
 
 
-def _judged(
-    report: ConvertReport,
-    target: float,
-    rule: str,
-    path: Path,
-    check: RobustnessCheck,
-    baseline: Any,
-) -> Probe:
-    """A saved probe measured by `check` against the original's figures."""
-    result = check.evaluate(path)
+def _unjudged(report: ConvertReport, target: float, options: ConvertOptions) -> Probe:
+    """What a conversion reached, before any check."""
     return Probe(
         float(f"{target:.4g}"),
         within=False,
-        rule=rule,
+        rule=options.allocation,
         reduction=report.reduction,
         macs=report.macs_after,
         speedup=report.measured_speedup,
+        report=report,
+    )
+
+
+def _judged(reached: Probe, path: Path, check: RobustnessCheck, baseline: Any) -> Probe:
+    """A saved probe measured by `check` against the original's figures."""
+    result = check.evaluate(path)
+    return replace(
+        reached,
         clean_acc=result.clean_acc,
         robust_acc=result.robust_acc,
         drop=baseline.robust_acc - result.robust_acc,
         clean_drop=baseline.clean_acc - result.clean_acc,
         model=str(path),
-        report=report,
     )

@@ -250,14 +250,7 @@ def _search(
     sweep folder. A search that keeps no target is a result here too."""
 
     def report(probe) -> None:
-        if probe.drop is None:
-            say(f"search: {probe.rule} {probe.knob} {probe.target:g}x out of reach")
-            return
-        verdict = "within" if probe.within else "beyond"
-        say(
-            f"search: {probe.rule} {probe.knob} {probe.target:g}x -> robust drop "
-            f"{probe.drop:+.1%} ({verdict})"
-        )
+        say(f"search: {probe.summary}")
 
     say(f"searching the fastest conversion within {max_drop:.3g} robust drop")
     try:

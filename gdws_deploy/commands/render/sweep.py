@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, List
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from gdws_deploy.pipeline.operating_point import OperatingPoint, Probe
+    from gdws_deploy.pipeline.operating_point import OperatingPoint
     from gdws_deploy.pipeline.results import SweepResult
 
 
@@ -66,15 +66,21 @@ def search_table(point: OperatingPoint) -> Table:
                 probe.rule or "-", probe.knob, f"{probe.target:g}x", *["-"] * 6, probe.note
             )
             continue
-        verdict = "within" if probe.within else "beyond"
-        if probe == point.best:
-            verdict = "[bold green]chosen[/]"
-        table.add_row(
+        reached = (
             probe.rule or "-",
             probe.knob,
             f"{probe.target:g}x",
             f"{probe.reduction:.2f}x",
             "-" if probe.speedup is None else f"{probe.speedup:.2f}x",
+        )
+        if probe.drop is None:
+            table.add_row(*reached, *["-"] * 4, probe.note)
+            continue
+        verdict = "within" if probe.within else "beyond"
+        if probe == point.best:
+            verdict = "[bold green]chosen[/]"
+        table.add_row(
+            *reached,
             f"{probe.clean_acc:.1%}",
             f"{probe.robust_acc:.1%}",
             f"{probe.drop:+.1%}",
@@ -82,18 +88,6 @@ def search_table(point: OperatingPoint) -> Table:
             verdict,
         )
     return table
-
-
-def probe_line(probe: Probe) -> str:
-    """One probe as it is measured, for progress on stderr."""
-    if probe.drop is None:
-        return f"probe {probe.rule} {probe.knob} {probe.target:g}x: out of reach"
-    speed = "" if probe.speedup is None else f", {probe.speedup:.2f}x faster"
-    verdict = "within" if probe.within else "beyond"
-    return (
-        f"probe {probe.rule} {probe.knob} {probe.target:g}x: {probe.reduction:.2f}x fewer MACs"
-        f"{speed}, robust drop {probe.drop:+.1%}, clean drop {probe.clean_drop:+.1%} ({verdict})"
-    )
 
 
 def sweep_summary(result: SweepResult, out: Path) -> List[str]:
