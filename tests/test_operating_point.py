@@ -18,11 +18,11 @@ from gdws_deploy.pipeline.calibrated import DropNotKeptError, _candidates, conve
 from gdws_deploy.pipeline.operating_point import (
     MAC_TARGET,
     RESOLUTION,
-    Probe,
     TUNE_CACHE_NAME,
+    Probe,
+    _bracket,
     check_max_drop,
     clean_budget,
-    _bracket,
     search_operating_point,
 )
 from gdws_deploy.robustness.sensitivity import calibrate
@@ -101,12 +101,31 @@ def test_convert_calibrated_writes_the_searched_target_calibrated_once(digits_mo
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_convert_calibrated_fixed_target_uses_measured_curves(digits_model, tmp_path):
+def test_convert_calibrated_fixed_target_keeps_the_rule_judged_most_robust(digits_model, tmp_path):
+    """Under auto, a calibrated MAC target is converted under every rule and the most
+    robust on the check is written (relative, the uncalibrated default, wins ties)."""
     out = tmp_path / "fixed.onnx"
     options = ConvertOptions(mac_reduction=1.5, check_parity=False)
-    point, report, rewritten = convert_calibrated(digits_model, out, options, quick_check())
-    assert point is None and rewritten and out.exists()
-    assert report.allocation == "measured" and report.reduction >= 1.5 and report.parity is None
+    choice, report, rewritten = convert_calibrated(digits_model, out, options, quick_check())
+    assert [score.rule for score in choice.scores] == ["relative", "measured"]
+    relative, measured = choice.scores
+    measured_wins = (measured.robust_acc, measured.clean_acc) > (
+        relative.robust_acc,
+        relative.clean_acc,
+    )
+    assert choice.chosen == ("measured" if measured_wins else "relative") == report.allocation
+    assert rewritten and out.exists() and report.reduction >= 1.5 and report.parity is None
+    kept = next(score for score in choice.scores if score.rule == choice.chosen)
+    assert quick_check().evaluate(out).robust_acc == kept.robust_acc
+    assert all(score.reduction >= 1.5 for score in choice.scores)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_convert_calibrated_with_a_named_rule_uses_it(digits_model, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    options = ConvertOptions(mac_reduction=1.5, check_parity=False, allocation="measured")
+    choice, report, rewritten = convert_calibrated(digits_model, out, options, quick_check())
+    assert choice is None and rewritten and report.allocation == "measured"
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -185,7 +204,9 @@ def test_cli_writes_the_chosen_model_and_every_probe(digits_model, tmp_path, cap
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_cli_dataset_calibrates_a_fixed_target_with_measured_curves(digits_model, tmp_path, capsys):
+def test_cli_dataset_calibrates_a_fixed_target_under_the_most_robust_rule(
+    digits_model, tmp_path, capsys
+):
     out, report = tmp_path / "fast.onnx", tmp_path / "report.json"
     result = run_cli(
         capsys, "convert", digits_model, "-o", out, "--report", report, "--mac-reduction", 1.5,
@@ -193,8 +214,9 @@ def test_cli_dataset_calibrates_a_fixed_target_with_measured_curves(digits_model
     )  # fmt: skip
     assert result.code == 0, result.err
     record = json.loads(report.read_text())
-    assert record["allocation"] == "measured" and record["reduction"] >= 1.5
-    assert "search" not in record
+    assert record["allocation"] == record["rule_choice"]["chosen"] and record["reduction"] >= 1.5
+    assert [score["rule"] for score in record["rule_choice"]["scores"]] == ["relative", "measured"]
+    assert "search" not in record and "allocation rules at mac_reduction=1.5" in result.out
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from gdws_deploy.commands.args.workers import WorkersArgs
 from gdws_deploy.commands.render.console import stdout_console
 from gdws_deploy.commands.render.convert import layer_table, totals, warnings
 from gdws_deploy.commands.render.progress import LayerProgress
-from gdws_deploy.commands.render.sweep import search_table
+from gdws_deploy.commands.render.sweep import rule_table, search_table
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.passes.int8 import QUANTIZE_ONLY
 
@@ -91,7 +91,7 @@ def convert_command(
             raise GdwsError("--report must differ from the output model path")
     errors, console = Console(stderr=True), stdout_console()
     existed = output.exists()
-    check, search = CALIBRATION.build(flags), None
+    check, search, search_key = CALIBRATION.build(flags), None, "search"
     refine = SEARCH_FINETUNE.build(flags, check)
     if check is None:
         with LayerProgress(errors) as progress:
@@ -100,6 +100,7 @@ def convert_command(
             )
     else:  # torch and the attacks load only when calibrating
         from gdws_deploy.pipeline.calibrated import DropNotKeptError, convert_calibrated
+        from gdws_deploy.pipeline.rule_choice import RuleChoice
 
         def said(probe) -> None:
             errors.print(f"[dim]probe {probe.summary}[/]")
@@ -119,7 +120,10 @@ def convert_command(
         except DropNotKeptError as error:
             console.print(search_table(error.point))
             raise
-        if search is not None:
+        if isinstance(search, RuleChoice):
+            console.print(rule_table(search))
+            search_key = "rule_choice"
+        elif search is not None:
             console.print(search_table(search))
         if refine is not None:
             console.print(
@@ -135,7 +139,7 @@ def convert_command(
         with atomic_open(report_path) as handle:
             record = {**report.to_dict(), "input": str(model), "output": str(output)}
             if search is not None:
-                record["search"] = search.to_dict()
+                record[search_key] = search.to_dict()
             json.dump(record, handle, indent=2)
     verb = "replaced" if existed else "wrote"
     if report.int8:

@@ -26,6 +26,7 @@ from gdws_deploy.pipeline.operating_point import (
     knobs_for,
     search_rules,
 )
+from gdws_deploy.pipeline.rule_choice import RuleChoice, chooses_rule, convert_most_robust_rule
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 
@@ -54,19 +55,20 @@ def convert_calibrated(
     on_probe: Optional[Callable[[Probe], None]] = None,
     stage: Optional[Stage] = None,
     refine: Optional[Refine] = None,
-) -> Tuple[Optional[OperatingPoint], ConvertReport, bool]:
+) -> Tuple[Union[OperatingPoint, RuleChoice, None], ConvertReport, bool]:
     """Calibrate `options` on `check`, then convert `model` to `output` at options'
-    target, or, given max_robust_drop, search for the fastest conversion whose robust drop
-    under `check` stays within it and clean drop within max_clean_drop (default:
-    operating_point.clean_budget): by speed goal when tuned, else by MAC target, under each
-    rule of operating_point.search_rules (see operating_point).
+    target (a MAC target under allocation auto: under the rule judged most robust on
+    `check`, see rule_choice), or, given max_robust_drop, search for the fastest conversion
+    whose robust drop under `check` stays within it and clean drop within max_clean_drop
+    (default: operating_point.clean_budget): by speed goal when tuned, else by MAC target,
+    under each rule of operating_point.search_rules (see operating_point).
 
-    Returns the search (None without max_robust_drop), the report and whether `output`
-    holds a rewritten model. stage: told when calibration starts (the conversions are
-    quiet); on_probe: each probe of the search as it is measured; refine: what each probe
-    goes through before it is judged (the search's answer is the refined model). Raises
-    DropNotKeptError (a GdwsError) when no target keeps the drop. The output path and the
-    drop are checked before any work.
+    Returns the search (without max_robust_drop: the RuleChoice, or None), the report and
+    whether `output` holds a rewritten model. stage: told when calibration starts (the
+    conversions are quiet); on_probe: each probe of the search as it is measured; refine:
+    what each probe goes through before it is judged (the search's answer is the refined
+    model). Raises DropNotKeptError (a GdwsError) when no target keeps the drop. The
+    output path and the drop are checked before any work.
     """
     check_output_path(output, model)
     if max_robust_drop is not None:
@@ -74,6 +76,8 @@ def convert_calibrated(
         clean_budget(max_robust_drop, max_clean_drop)
     if stage is not None:
         stage(f"calibrating on {len(check.dataset)} samples of {check.dataset.name}")
+    if max_robust_drop is None and chooses_rule(options):
+        return convert_most_robust_rule(model, output, options, check, stage)
     if max_robust_drop is None:
         report, rewritten = convert_file(model, output, calibrate(model, check, options))
         return None, report, rewritten

@@ -1,5 +1,5 @@
-"""sweep's table of points and summary, and the table of a --max-robust-drop search
-(printed by sweep and by convert)."""
+"""sweep's table of points and summary, the table of a --max-robust-drop search (printed
+by sweep and by convert), and convert's table of the rules a calibrated target tried."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from gdws_deploy.pipeline.operating_point import OperatingPoint
     from gdws_deploy.pipeline.results import SweepResult
+    from gdws_deploy.pipeline.rule_choice import RuleChoice
 
 
 def sweep_table(result: SweepResult) -> Table:
@@ -86,6 +87,29 @@ def search_table(point: OperatingPoint) -> Table:
             f"{probe.drop:+.1%}",
             f"{probe.clean_drop:+.1%}",
             verdict,
+        )
+    return table
+
+
+def rule_table(choice: RuleChoice) -> Table:
+    """Every rule a calibrated MAC target was converted under, as judged; the kept one
+    marked."""
+    table = Table(
+        title=f"allocation rules at {choice.target}, judged on {choice.samples} samples of "
+        f"{choice.dataset}: the most robust is kept",
+        title_justify="left",
+    )
+    table.add_column("rule")
+    for column in ("fewer MACs", "speed-up", "clean", "robust", "verdict"):
+        table.add_column(column, justify="right")
+    for score in choice.scores:
+        table.add_row(
+            score.rule,
+            f"{score.reduction:.2f}x",
+            "-" if score.speedup is None else f"{score.speedup:.2f}x",
+            f"{score.clean_acc:.1%}",
+            f"{score.robust_acc:.1%}",
+            "[bold green]chosen[/]" if score.rule == choice.chosen else "",
         )
     return table
 
