@@ -9,6 +9,9 @@ one process, the original twice as the run's A/A control), clean and robust accu
 held-out split, with Wilson 95 % intervals. Prints a markdown table; the row the search
 picked is marked, against the goal: >= 2.3x faster with <= 1 point of robust and <= 2
 points of clean accuracy lost (the paper's VGG-16 on a Jetson: 2.3x at about one point).
+--finetune STEPS adds every row fine-tuned and the search with fine-tuned probes;
+--plot draws the front (speed-up against robust and clean accuracy lost) with the paper's
+point.
 
     .venv/bin/python benchmarks/joint.py ../shared/models/robust_vgg16_photos.onnx \\
         --test npz:../shared/models/photos_rgb_test.npz \\
@@ -91,8 +94,15 @@ def main(argv: Sequence[str] = ()) -> int:
             {"linf": parse_fraction(args.step_size)} if args.step_size else None,
         )
     )
-    test = RobustnessCheck(_subset(load_dataset(args.test), args.limit, args.seed), attacks)
-    calib_data = _subset(load_dataset(args.calib), args.calib_limit, args.seed + 1)
+    held_out = load_dataset(args.test)
+    order = np.random.default_rng(args.seed).permutation(len(held_out))
+    test = RobustnessCheck(_subset(held_out, order[: args.limit], args.seed), attacks)
+    if args.calib == args.test:  # calibrate on the held-out split's other samples
+        calib_data = _subset(held_out, order[args.limit :][: args.calib_limit], args.seed)
+    else:
+        calib_source = load_dataset(args.calib)
+        picked = np.random.default_rng(args.seed + 1).permutation(len(calib_source))
+        calib_data = _subset(calib_source, picked[: args.calib_limit], args.seed + 1)
     calib = RobustnessCheck(calib_data, attacks)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gdws-joint-") as scratch:
@@ -102,9 +112,10 @@ def main(argv: Sequence[str] = ()) -> int:
         for label, changes, calibrated in () if args.search_only else _chosen_rows(args.rows):
             rows.append(_converted(args.model, work, label, base, changes, calibrated, calib))
             print(f"[{time.perf_counter() - start:.0f} s] {label}: converted", file=sys.stderr)
-        if not args.no_search:
-            rows.append(_searched(args, work, base, calib, _refine(args)))
-            print(f"[{time.perf_counter() - start:.0f} s] search done", file=sys.stderr)
+        for search in () if args.no_search else _searches(args):
+            refine = _refine(args) if search == "finetune" else None
+            rows.append(_searched(args, work, base, calib, refine))
+            print(f"[{time.perf_counter() - start:.0f} s] {search} search done", file=sys.stderr)
         _measure_speed(rows, args.batch, args.threads)
         if args.finetune:
             train = load_dataset(args.train)
@@ -119,6 +130,8 @@ def main(argv: Sequence[str] = ()) -> int:
             row.clean, row.robust, row.ci = report.clean_acc, report.robust_acc, report.robust_ci95
             print(f"[{time.perf_counter() - start:.0f} s] {row.label}: evaluated", file=sys.stderr)
     _print_table(rows, test, args)
+    if args.plot:
+        _plot_front(rows, Path(args.plot), test, args)
     if args.json:
         Path(args.json).write_text(json.dumps([_record(row, rows[0]) for row in rows], indent=2))
     return 0
@@ -128,7 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--test", default="photos", help="held-out split, judged on")
-    parser.add_argument("--calib", default="photos:train", help="split the search calibrates on")
+    parser.add_argument(
+        "--calib",
+        default="photos:train",
+        help="split the search calibrates on (the --test split: its samples not judged on)",
+    )
     parser.add_argument("--limit", type=int, default=1000, help="held-out samples (seeded subset)")
     parser.add_argument(
         "--calib-limit", type=int, default=500, help="calibration samples (seeded subset)"
@@ -141,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     parser.add_argument("--max-robust-drop", type=float, default=GOAL_ROBUST_DROP)
     parser.add_argument("--json", help="write the rows here too")
+    parser.add_argument("--plot", help="draw the front here (PNG)")
     parser.add_argument(
         "--allocation", default="auto", help="the search's --allocation (auto: every rule)"
     )
@@ -148,6 +166,11 @@ def _parser() -> argparse.ArgumentParser:
         "--search-only", action="store_true", help="the original and the search's pick only"
     )
     parser.add_argument("--no-search", action="store_true", help="the README's rows only")
+    parser.add_argument(
+        "--searches",
+        help="which searches to run, comma-separated: plain (convert --max-robust-drop), "
+        "finetune (the same with --finetune STEPS) [default: plain, and finetune with --finetune]",
+    )
     parser.add_argument("--rows", help="indices of the README's rows to run (0-based, comma)")
     parser.add_argument(
         "--finetune",
@@ -155,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="STEPS",
         help="also fine-tune every conversion this many steps (gdws-deploy finetune) on "
-        "--train; the search fine-tunes every probe before judging it (convert --finetune)",
+        "--train, and search with every probe fine-tuned before it is judged (--finetune)",
     )
     parser.add_argument("--train", default="photos:train", help="split fine-tuned on")
     parser.add_argument("--finetune-attack-steps", type=int, default=5)
@@ -182,10 +205,21 @@ def _finetune_options(args: argparse.Namespace):
     return FinetuneOptions(steps=args.finetune, lr=args.finetune_lr, attack=attack)
 
 
+def _searches(args: argparse.Namespace) -> List[str]:
+    """The searches asked for, checked."""
+    if args.searches is None:
+        return ["plain", "finetune"] if args.finetune else ["plain"]
+    searches = [name for name in args.searches.split(",") if name]
+    unknown = set(searches) - {"plain", "finetune"}
+    if unknown or ("finetune" in searches and not args.finetune):
+        sys.exit(
+            f"--searches takes plain and finetune (which needs --finetune), got {args.searches}"
+        )
+    return searches
+
+
 def _refine(args: argparse.Namespace):
-    """The search's refine: each probe fine-tuned as the rows are (None without it)."""
-    if not args.finetune:
-        return None
+    """The search's refine: each probe fine-tuned as the rows are."""
     from gdws_deploy.robustness.finetune import finetune
 
     train, options = load_dataset(args.train), _finetune_options(args)
@@ -202,13 +236,14 @@ def _finetuned(row: Row, work: Path, train: Dataset, args: argparse.Namespace) -
     return Row(label, path, row.report, row.seconds, searched=row.searched)
 
 
-def _subset(data: Dataset, limit: int, seed: int) -> Dataset:
-    """A seeded random subset: data files are often ordered by class (the shared ones are)."""
-    if limit >= len(data):
+def _subset(data: Dataset, picked: np.ndarray, seed: int) -> Dataset:
+    """The samples of a seeded permutation's slice `picked`, in file order: data files are
+    often ordered by class (the shared ones are), so a prefix would not do."""
+    if len(picked) == len(data):
         return data
-    picked = np.sort(np.random.default_rng(seed).permutation(len(data))[:limit])
+    picked = np.sort(picked)
     return Dataset(
-        f"{data.name} ({limit} of {len(data)}, seed {seed})", data.x[picked], data.y[picked]
+        f"{data.name} ({len(picked)} of {len(data)}, seed {seed})", data.x[picked], data.y[picked]
     )
 
 
@@ -241,7 +276,7 @@ def _searched(
     label = f"--max-robust-drop {args.max_robust_drop:g} --dataset CALIB --tune ort"
     if refine is not None:
         label += f" --finetune {args.finetune}"
-    path = work / "searched.onnx"
+    path = work / f"searched{'-finetuned' if refine else ''}.onnx"
     options = ConvertOptions.of(base, tune="ort", check_parity=False, allocation=args.allocation)
     try:
         point, report, _ = convert_calibrated(
@@ -285,19 +320,59 @@ def _print_table(rows: List[Row], test: RobustnessCheck, args: argparse.Namespac
         f"{args.batch}; goal: >= {GOAL_SPEEDUP}x faster, <= {GOAL_ROBUST_DROP:.0%} robust and "
         f"<= {GOAL_CLEAN_DROP:.0%} clean accuracy lost\n"
     )
-    print("| conversion | fewer MACs | speed-up | robust [95% CI] | clean | meets goal |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
+    print("| # | conversion | fewer MACs | speed-up | robust [95% CI] | clean | meets goal |")
+    print("|---|---|---|---|---|---|---|")
+    for index, row in enumerate(rows):
         if row.failed:
-            print(f"| {row.label} | - | - | - | - | no |")
+            print(f"| {index} | {row.label} | - | - | - | - | no |")
             continue
         record = _record(row, original)
         meets = "-" if row is original else ("yes" if record["meets_goal"] else "no")
         label = f"**{row.label}**" if row.searched else row.label
         print(
-            f"| {label} | {record['reduction']:.2f}x | {record['speedup']:.2f}x | "
+            f"| {index} | {label} | {record['reduction']:.2f}x | {record['speedup']:.2f}x | "
             f"{row.robust:.1%} [{row.ci[0]:.1%}, {row.ci[1]:.1%}] | {row.clean:.1%} | {meets} |"
         )
+
+
+def _plot_front(
+    rows: List[Row], path: Path, test: RobustnessCheck, args: argparse.Namespace
+) -> None:
+    """Robust and clean accuracy lost against speed-up, one numbered point per row (the
+    table's #), the goal's corner shaded and the paper's point marked."""
+    from matplotlib.figure import Figure
+
+    from gdws_deploy.atomic import atomic_path
+
+    original = rows[0]
+    records = [(i, _record(row, original)) for i, row in enumerate(rows) if not row.failed]
+    figure = Figure(figsize=(11, 4.6), layout="constrained")
+    panels = figure.subplots(1, 2, sharex=True)
+    for panel, key, goal in zip(panels, ("robust", "clean"), (GOAL_ROBUST_DROP, GOAL_CLEAN_DROP)):
+        drops = [100 * (getattr(original, key) - record[key]) for _, record in records]
+        speedups = [record["speedup"] for _, record in records]
+        colours = ["tab:red" if rows[i].searched else "tab:blue" for i, _ in records]
+        panel.scatter(speedups, drops, c=colours, s=40, zorder=3)
+        for (index, _), x, y in zip(records, speedups, drops):
+            panel.annotate(str(index), (x, y), textcoords="offset points", xytext=(4, 4))
+        panel.axhspan(-100, 100 * goal, xmin=0, xmax=1, color="0.92", zorder=0)
+        panel.axvline(GOAL_SPEEDUP, color="0.6", linestyle="--", zorder=1)
+        panel.axhline(100 * goal, color="0.6", linestyle="--", zorder=1)
+        panel.set_ylim(min(min(drops), 0) - 1, max(drops) + 2)
+        panel.set_xlabel(f"speed-up (onnxruntime CPU, batch {args.batch})")
+        panel.set_ylabel(f"{key} accuracy lost (points)")
+        panel.grid(alpha=0.3)
+    panels[0].scatter(
+        [GOAL_SPEEDUP], [100 * GOAL_ROBUST_DROP], marker="*", s=220, color="black", zorder=4,
+        label="paper: VGG-16, CIFAR-10, Jetson Xavier (2.3x, about 1 point)",
+    )  # fmt: skip
+    panels[0].legend(loc="upper left", fontsize="small")
+    figure.suptitle(
+        f"{Path(args.model).name}: {test.dataset.name}, PGD-{args.steps} l_inf {args.eps} "
+        "(red: the search's pick; shaded: within the accuracy goal)"
+    )
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
 
 
 def _record(row: Row, original: Row) -> Dict:
