@@ -111,7 +111,8 @@ def main(argv: Sequence[str] = ()) -> int:
         rows = [Row("original", Path(args.model))]
         for label, changes, calibrated in () if args.search_only else _chosen_rows(args.rows):
             rows.append(_converted(args.model, work, label, base, changes, calibrated, calib))
-            print(f"[{time.perf_counter() - start:.0f} s] {label}: converted", file=sys.stderr)
+            done = "failed" if rows[-1].failed else "converted"
+            print(f"[{time.perf_counter() - start:.0f} s] {label}: {done}", file=sys.stderr)
         for search in () if args.no_search else _searches(args):
             refine = _refine(args) if search == "finetune" else None
             rows.append(_searched(args, work, base, calib, refine))

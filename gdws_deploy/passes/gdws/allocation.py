@@ -96,7 +96,8 @@ def _greedy_picks(
 # Whole-model MAC targets: how kernels are shared out across layers. Measured on the
 # bundled robust model and a digits model by benchmarks/allocation_rules.py (README).
 ALLOCATIONS: Dict[str, str] = {
-    "auto": "measured when loss curves are given, else relative",
+    "auto": "without data relative; convert --dataset converts under relative and measured "
+    "and keeps the more robust on the data; sweep --calib uses measured",
     "measured": "greedy on each layer's measured robust-loss curve per MAC",
     "relative": "greedy on s^2 / ||W||_F^2 of its layer per MAC (scale-free)",
     "energy": "greedy on unweighted s^2 per MAC",
