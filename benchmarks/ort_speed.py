@@ -34,9 +34,10 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import time_with_control
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.pipeline.convert import ConvertReport, convert_file
-from gdws_deploy.speed.backends import OrtBackend, Timing, time_models
+from gdws_deploy.speed.backends import OrtBackend, Timing
 from gdws_deploy.speed.cost_model import model_input_shape
 from gdws_deploy.speed.goals import SpeedGoalOutOfReachError
 from models.export import export_architecture
@@ -48,8 +49,6 @@ RATIO_GOAL_BATCH = 32
 # efficient choice's (by convert's own layer times; a hair under, so it is within reach).
 REACHABLE_SHARE = 0.99
 # A timing whose original-against-itself control reads off by more than this is repeated.
-CONTROL_TOLERANCE = 1.05
-CONTROL_ATTEMPTS = 3
 # Whole-model timing: a second per model per round at batch 1, a few queries at batch 32.
 TIMING = {1: Timing(rounds=7, queries=35, seconds=2.0, warmup_ms=200.0)}
 LARGE_BATCH_TIMING = Timing(rounds=9, queries=27, seconds=0.0, warmup_ms=200.0)
@@ -129,24 +128,6 @@ def measure_model(
                 )
             )
     return rows
-
-
-def time_with_control(
-    backend: OrtBackend, models: Sequence[Tuple[bytes, tuple]], timing: Timing
-) -> Tuple[List[float], float]:
-    """time_models of `models`, whose first and last are the original: the ratio of those
-    two (the control, 1.0 without noise) is the run's noise floor. Timed again, up to
-    CONTROL_ATTEMPTS times, while the control reads off by more than CONTROL_TOLERANCE
-    (another tenant of this host); the attempt with the best control is kept."""
-    attempts = []
-    for _ in range(CONTROL_ATTEMPTS):
-        seconds = time_models(backend, models, timing)
-        control = seconds[0] / seconds[-1]
-        attempts.append((abs(np.log(control)), seconds, control))
-        if attempts[-1][0] <= np.log(CONTROL_TOLERANCE):
-            break
-    _, seconds, control = min(attempts, key=lambda attempt: attempt[0])
-    return seconds, control
 
 
 def convert_row(
