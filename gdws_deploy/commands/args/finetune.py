@@ -83,8 +83,9 @@ class SearchFinetuneArgs(ArgGroup):
             "--finetune",
             type=click.IntRange(min=1),
             metavar="STEPS",
-            help="With --max-robust-drop: fine-tune every probe this many steps (PGD, as "
-            "`gdws-deploy finetune`) on --finetune-data before judging it on --dataset.",
+            help="With --max-robust-drop: fine-tune every probe this many steps (PGD-5 at the "
+            "verdicts' eps and --step-size, as `gdws-deploy finetune`) on --finetune-data "
+            "before judging it on --dataset.",
         ),
         click.option(
             "--finetune-data",
@@ -114,13 +115,16 @@ class SearchFinetuneArgs(ArgGroup):
                 "--finetune-data is --dataset: judging on the data fine-tuned on overstates "
                 "robustness; give a training split"
             )
-        from gdws_deploy.robustness.attacks import make_attacks
+        from gdws_deploy.robustness.attacks import make_attacks, parse_per_norm
         from gdws_deploy.robustness.data import load_dataset
         from gdws_deploy.robustness.finetune import FinetuneOptions, finetune
 
         judged = check.attacks[0]
-        (attack,) = make_attacks(
-            f"pgd-{judged.norm}", {judged.norm: judged.eps}, SEARCH_ATTACK_STEPS
+        (attack,) = make_attacks(  # --step-size, if given, is PGD's here too (as joint.py's)
+            f"pgd-{judged.norm}",
+            {judged.norm: judged.eps},
+            SEARCH_ATTACK_STEPS,
+            parse_per_norm(flags["step_size"], "--step-size"),
         )
         train = load_dataset(spec)
         options = FinetuneOptions(
