@@ -334,11 +334,15 @@ def test_tensorrt_parser_accepts_every_stage(models, tmp_path, capsys):
         assert_parses(model)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [["--mac-reduction", "1.5"], ["--max-robust-drop", "0.01", "--allocation", "relative"]],
+)
 def test_calibrated_convert_of_a_multi_exit_model_is_one_line_and_writes_nothing(
-    models, tmp_path, capsys
+    models, tmp_path, capsys, target
 ):
     output = tmp_path / "two.gdws.onnx"
-    result = run_cli(capsys, "convert", models["two"], "-o", output, "--mac-reduction", "1.5",
+    result = run_cli(capsys, "convert", models["two"], "-o", output, *target,
                      "--dataset", "photos:train", "--limit", "16", "--steps", "1")  # fmt: skip
     assert result.code == 2 and "Traceback" not in result.err  # after the progress line:
     assert result.err.strip().splitlines()[-1].startswith("gdws-deploy: error: calibrating")

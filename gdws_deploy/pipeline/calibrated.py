@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from gdws_deploy.atomic import check_output_path
 from gdws_deploy.errors import GdwsError
+from gdws_deploy.ir.graph import load_model
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.pipeline.convert import ConvertReport, Stage, convert_file
 from gdws_deploy.pipeline.operating_point import (
@@ -28,7 +29,7 @@ from gdws_deploy.pipeline.operating_point import (
 )
 from gdws_deploy.pipeline.rule_choice import RuleChoice, chooses_rule, convert_most_robust_rule
 from gdws_deploy.robustness.check import RobustnessCheck
-from gdws_deploy.robustness.sensitivity import calibrate
+from gdws_deploy.robustness.sensitivity import calibrate, refuse_multi_exit
 
 
 class DropNotKeptError(GdwsError):
@@ -76,6 +77,7 @@ def convert_calibrated(
         clean_budget(max_robust_drop, max_clean_drop)
     if stage is not None:
         stage(f"calibrating on {len(check.dataset)} samples of {check.dataset.name}")
+    refuse_multi_exit(len(load_model(model).model.graph.output))
     if max_robust_drop is None and chooses_rule(options):
         return convert_most_robust_rule(model, output, options, check, stage)
     if max_robust_drop is None:

@@ -155,13 +155,20 @@ def _analyzed(
     return GdwsPass().select(model)
 
 
+def refuse_multi_exit(outputs: int) -> None:
+    """Calibrating on data attacks a model with one output: a multi-exit model (several)
+    is refused, naming what to do instead."""
+    if outputs != 1:
+        raise GdwsError(
+            f"calibrating on data attacks a model with one output, this one has {outputs}: "
+            "convert a multi-exit model with a target alone, then `gdws-deploy exits calibrate`"
+        )
+
+
 def _classes(logits: Any) -> int:
     """The class count of the model's one output; a multi-exit model (several) is refused."""
     if isinstance(logits, (tuple, list)):
-        raise GdwsError(
-            f"calibrating on data attacks a model with one output, this one has {len(logits)}: "
-            "convert a multi-exit model with a target alone, then `gdws-deploy exits calibrate`"
-        )
+        refuse_multi_exit(len(logits))
     return int(logits.shape[1])
 
 
