@@ -371,8 +371,8 @@ def _plot_front(
     )  # fmt: skip
     panels[0].legend(loc="upper left", fontsize="small")
     figure.suptitle(
-        f"{Path(args.model).name}: {test.dataset.name}, PGD-{args.steps} l_inf {args.eps} "
-        "(red: the search's pick; shaded: within the accuracy goal)"
+        f"{Path(args.model).name}: {len(test.dataset)} held-out samples, PGD-{args.steps} "
+        f"l_inf {args.eps}\nred: the search's pick; shaded: within the accuracy goal"
     )
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
