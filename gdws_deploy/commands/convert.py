@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from gdws_deploy.atomic import atomic_open, check_output_path
 from gdws_deploy.commands.args.attack import AttackArgs
@@ -103,7 +104,7 @@ def convert_command(
         from gdws_deploy.pipeline.rule_choice import RuleChoice
 
         def said(probe) -> None:
-            errors.print(f"[dim]probe {probe.summary}[/]")
+            errors.print(f"[dim]probe {escape(probe.summary)}[/]")
 
         try:
             search, report, rewritten = convert_calibrated(
