@@ -353,22 +353,27 @@ def _options(candidates: Union[ConvertOptions, Sequence[Candidate], None]) -> Co
 def _shared(
     candidates: Union[ConvertOptions, Sequence[Candidate], None], workdir: Union[str, Path]
 ) -> List[Candidate]:
-    """The candidates with one SpectraCache (each layer factored once in all) and, when
-    tuned without a cache file, one tune cache in `workdir` (each form timed once)."""
+    """The candidates with one SpectraCache and one tune cache among them (shared_caches)."""
     if candidates is None or isinstance(candidates, ConvertOptions):
         options = candidates or ConvertOptions()
         candidates = [(options, knob) for knob in knobs_for(options)]
     first = candidates[0][0]
     cache = first.spectra_cache if first.spectra_cache is not None else SpectraCache()
-    shared = []
-    for options, knob in candidates:
-        changes: Dict[str, Any] = {}
-        if options.spectra_cache is None:
-            changes["spectra_cache"] = cache
-        if options.tune is not None and options.tune_cache is None:
-            changes["tune_cache"] = Path(workdir) / TUNE_CACHE_NAME
-        shared.append((ConvertOptions.of(options, **changes), knob))
-    return shared
+    return [(shared_caches(options, workdir, cache), knob) for options, knob in candidates]
+
+
+def shared_caches(
+    options: ConvertOptions, workdir: Union[str, Path], spectra: SpectraCache
+) -> ConvertOptions:
+    """`options` for one of several conversions of a model: with `spectra` (each layer
+    factored once in all) unless they hold a cache, and, when tuned without a cache file,
+    the tune cache in `workdir` (each layer form timed once)."""
+    changes: Dict[str, Any] = {}
+    if options.spectra_cache is None:
+        changes["spectra_cache"] = spectra
+    if options.tune is not None and options.tune_cache is None:
+        changes["tune_cache"] = Path(workdir) / TUNE_CACHE_NAME
+    return ConvertOptions.of(options, **changes)
 
 
 def _convert(

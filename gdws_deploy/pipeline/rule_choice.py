@@ -22,7 +22,7 @@ from gdws_deploy.ir.graph import load_model, save_model
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.convert import ConvertReport, Stage, convert_file
-from gdws_deploy.pipeline.operating_point import AUTO_RULES, TUNE_CACHE_NAME
+from gdws_deploy.pipeline.operating_point import AUTO_RULES, shared_caches
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.sensitivity import calibrate
 
@@ -76,17 +76,13 @@ def convert_most_robust_rule(
     conversion's report and whether `output` holds a rewritten model."""
     check_output_path(output, model)
     original = load_model(model)
-    shared: Dict[str, Any] = {"spectra_cache": options.spectra_cache or SpectraCache()}
     with tempfile.TemporaryDirectory(prefix="gdws-rules-") as workdir:
-        if options.tune is not None and options.tune_cache is None:
-            shared["tune_cache"] = Path(workdir) / TUNE_CACHE_NAME
+        shared = shared_caches(options, workdir, SpectraCache())
         runs: List[Tuple[RuleScore, ConvertReport, bool, Path]] = []
         for rule in AUTO_RULES:
             if stage is not None:
                 stage(f"converting under the {rule} rule and judging it")
-            ruled = calibrate(
-                original, check, ConvertOptions.of(options, allocation=rule, **shared)
-            )
+            ruled = calibrate(original, check, ConvertOptions.of(shared, allocation=rule))
             path = Path(workdir) / f"{rule}.onnx"
             report, rewritten = convert_file(model, path, ruled)
             result = check.evaluate(path)
