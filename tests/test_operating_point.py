@@ -38,6 +38,12 @@ def digits_model(tmp_path_factory):
     return export_trained_digits_cnn(tmp_path_factory.mktemp("model") / "digits.onnx")
 
 
+def _robust_as_judged(model, original) -> float:
+    """`model`'s robust accuracy under the search's verdicts: quick_check's attacks and
+    the original's adversarial examples, per sample the worse."""
+    return quick_check().transferred_from(original).evaluate(model).robust_acc
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model, tmp_path):
     cache = SpectraCache()
@@ -46,8 +52,10 @@ def test_search_keeps_the_drop_and_the_next_probe_above_exceeds_it(digits_model,
     )
     best = point.best
     assert best is not None and best.within and best.drop <= MAX_DROP + 1e-9
-    # same samples, attack and seed: measuring the chosen model again gives the same figure
-    assert best.robust_acc == quick_check().evaluate(best.model).robust_acc
+    # same samples, attacks, seed and the original's examples: measuring the chosen model
+    # again gives the same figure
+    assert best.robust_acc == _robust_as_judged(best.model, digits_model)
+    assert point.check["transfer_from"] == "digits.onnx"
     above = [p for p in point.probes if p.target > best.target]
     assert above, "the search must have seen a target beyond the drop"
     next_above = min(above, key=lambda p: p.target)
@@ -97,7 +105,7 @@ def test_convert_calibrated_writes_the_searched_target_calibrated_once(digits_mo
     assert report.allocation == point.best.rule and report.reduction == point.best.reduction
     assert point.best.reduction == max(p.reduction for p in point.probes if p.within)
     assert rewritten and out.exists() and report.parity is not None
-    assert quick_check().evaluate(out).robust_acc == point.best.robust_acc
+    assert _robust_as_judged(out, digits_model) == point.best.robust_acc
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -116,7 +124,7 @@ def test_convert_calibrated_fixed_target_keeps_the_rule_judged_most_robust(digit
     assert choice.chosen == ("measured" if measured_wins else "relative") == report.allocation
     assert rewritten and out.exists() and report.reduction >= 1.5 and report.parity is None
     kept = next(score for score in choice.scores if score.rule == choice.chosen)
-    assert quick_check().evaluate(out).robust_acc == kept.robust_acc
+    assert _robust_as_judged(out, digits_model) == kept.robust_acc
     assert all(score.reduction >= 1.5 for score in choice.scores)
 
 

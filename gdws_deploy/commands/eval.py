@@ -35,6 +35,14 @@ WORKERS = WorkersArgs(resume=True)
 )
 @click.option("--engine", type=click.Path(path_type=Path), help="TensorRT engine (.plan).")
 @ATTACKS
+@click.option(
+    "--transfer-from",
+    type=click.Path(path_type=Path),
+    metavar="ORIGINAL",
+    help="Also judge each sample on the attacks' examples crafted on ORIGINAL (the model "
+    "MODEL was converted from); robust only where MODEL survives both. A conversion that only "
+    "hides its gradients from the attacks gains nothing.",
+)
 @DEVICE
 @WORKERS
 @click.option(
@@ -45,19 +53,29 @@ WORKERS = WorkersArgs(resume=True)
     "robust, per_attack) and the details.",
 )
 def eval_command(
-    model: Path, backend: str, engine: Optional[Path], json_path: Optional[Path], **flags: Any
+    model: Path,
+    backend: str,
+    engine: Optional[Path],
+    transfer_from: Optional[Path],
+    json_path: Optional[Path],
+    **flags: Any,
 ) -> None:
     """Attack MODEL (ONNX) through its torch mirror and judge it on the deployed backend."""
+    from gdws_deploy.robustness import transfer
     from gdws_deploy.robustness.evaluate import evaluate
     from gdws_deploy.robustness.shards import evaluate_sharded
 
     attacks = ATTACKS.build(flags)
-    inputs = [model, *([engine] if engine else [])]
+    inputs = [model, *([engine] if engine else []), *([transfer_from] if transfer_from else [])]
     sharding = WORKERS.build(flags)
     for output in (json_path, sharding and sharding.resume):
         if output:
             check_output_path(output, *inputs)
     data = DATA.build(flags)
+    sampling = DATA.sampling(flags)
+    crafted = None
+    if transfer_from is not None:
+        crafted = transfer.transfer_from(transfer_from, data, attacks, **sampling)
     with BatchProgress("attacking") as progress:
         if sharding is None:
             run = functools.partial(evaluate, engine=engine)
@@ -70,7 +88,8 @@ def eval_command(
             backend=backend,
             progress=progress,
             providers=DEVICE.providers(flags),
-            **DATA.sampling(flags),
+            transfer=crafted,
+            **sampling,
         )
     Console().print(report_table(report))
     if json_path is not None:

@@ -37,7 +37,7 @@ from gdws_deploy.pipeline.sweep import (
     shared_tune_cache,
     sweep_targets,
 )
-from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.check import RobustnessCheck, with_transfer
 from gdws_deploy.robustness.sensitivity import calibrate
 
 JSON_NAME = "compare.json"
@@ -124,6 +124,7 @@ def run_compare(
     )
     analyzed = analyze(loaded, **options.selection)
     say(f"attacking original ({len(check.dataset)} samples)")
+    check = with_transfer(check, loaded)
     original = check.evaluate(model)
     entries = [ModelToMeasure(Path(model), "original", "original", analyzed.total_macs, 1.0)]
     with atomic_folder(out) as stage, tempfile.TemporaryDirectory(

@@ -9,13 +9,14 @@ grid brackets the answer (the last knob value within the budget, the first beyon
 a binary search over the grid, as a probe can cost a fine-tune), then bisection in log
 space narrows the bracket to `resolution`. A probe that converts no faster than a probe
 already kept is not judged (nor fine-tuned): it cannot be the answer, and the bracket
-climbs past it. Every probe is
-converted with its rule's calibrated options (one SVD per layer in all, through a shared
-SpectraCache; one tune cache, so each layer form is timed once) and judged by the same
-RobustnessCheck as the original, on the same samples, so a probe's drop is measured, not
-estimated. The answer is the fastest probe within the budget over every family and rule
-(measured speed-up; MAC reduction when untuned), and it is the probe's own model that is
-written: a tuned conversion depends on its timings and is not repeatable.
+climbs past it. Every probe is converted with its rule's calibrated options (one SVD per
+layer in all, through a shared SpectraCache; one tune cache, so each layer form is timed
+once) and judged by the same RobustnessCheck as the original, on the same samples, so a
+probe's drop is measured, not estimated: per sample, the worse of its own attacks and the
+original's adversarial examples (crafted once: a cut that only hides its gradients from
+PGD gains nothing). The answer is the fastest probe within the budget over every family
+and rule (measured speed-up; MAC reduction when untuned), and it is the probe's own model
+that is written: a tuned conversion depends on its timings and is not repeatable.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from gdws_deploy.ir.graph import LoadedModel, load_model, save_model
 from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.allocation import UnreachableTargetError
 from gdws_deploy.passes.gdws.decompose import SpectraCache
-from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.check import RobustnessCheck, with_transfer
 
 if TYPE_CHECKING:
     from gdws_deploy.pipeline.convert import ConvertReport
@@ -226,6 +227,7 @@ def search_operating_point(
     if not resolution > 0:
         raise GdwsError(f"search resolution must be > 0, got {resolution}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    check = with_transfer(check, loaded)
     baseline = check.evaluate(loaded.model)
     probes: List[Probe] = []
 

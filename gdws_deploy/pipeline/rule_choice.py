@@ -23,7 +23,7 @@ from gdws_deploy.options import ConvertOptions
 from gdws_deploy.passes.gdws.decompose import SpectraCache
 from gdws_deploy.pipeline.convert import ConvertReport, Stage, convert_file
 from gdws_deploy.pipeline.operating_point import AUTO_RULES, shared_caches
-from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.check import RobustnessCheck, with_transfer
 from gdws_deploy.robustness.sensitivity import calibrate
 
 
@@ -76,6 +76,7 @@ def convert_most_robust_rule(
     conversion's report and whether `output` holds a rewritten model."""
     check_output_path(output, model)
     original = load_model(model)
+    check = with_transfer(check, original)
     with tempfile.TemporaryDirectory(prefix="gdws-rules-") as workdir:
         shared = shared_caches(options, workdir, SpectraCache())
         runs: List[Tuple[RuleScore, ConvertReport, bool, Path]] = []

@@ -34,7 +34,7 @@ from gdws_deploy.pipeline.measure import ModelToMeasure, measure_models
 from gdws_deploy.pipeline.operating_point import OperatingPoint, check_max_drop
 from gdws_deploy.pipeline.plot import save_sweep_plot
 from gdws_deploy.pipeline.results import BenchSettings, MeasuredPoint, SweepResult
-from gdws_deploy.robustness.check import RobustnessCheck
+from gdws_deploy.robustness.check import RobustnessCheck, with_transfer
 from gdws_deploy.robustness.sensitivity import calibrate
 from gdws_deploy.speed.tuning import _fixed_batch as fixed_batch
 from gdws_deploy.speed.tuning import cost_model_for
@@ -86,6 +86,7 @@ def run_sweep(
     calibration = calibration or check
     by_beta = betas is not None
     say(f"attacking original ({len(check.dataset)} samples)")
+    check = with_transfer(check, loaded)
     original = check.evaluate(model)
     with atomic_folder(out) as stage, tempfile.TemporaryDirectory(prefix="gdws-sweep-") as scratch:
         paths = _output_paths(Path(model), stage, targets)

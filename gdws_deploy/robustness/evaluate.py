@@ -31,6 +31,7 @@ from gdws_deploy.robustness.attacks import Attack, with_normalization, worst_cas
 from gdws_deploy.robustness.data import Dataset
 from gdws_deploy.robustness.device import resolve_device, verdict_providers
 from gdws_deploy.robustness.mirror import OnnxMirror
+from gdws_deploy.robustness.transfer import Transfer
 from gdws_deploy.runtime.providers import Provider
 from gdws_deploy.runtime.runner import Runner
 from gdws_deploy.speed.backends import BACKENDS
@@ -103,7 +104,12 @@ class EvalReport:
     seed: int
     seconds: float
     # per attack in turn: name, robust_acc and robust_ci95 of the cumulative worst case
+    # (the last: the transfer, when judged with one)
     per_attack: List[Dict] = field(default_factory=list)
+    # the backend's accuracy on the examples crafted on `transfer_from` (None: not judged
+    # so); robust_acc is then per sample the worse of those and the white-box attacks
+    transfer_from: Optional[str] = None
+    transfer_acc: Optional[float] = None
 
     def robustbench(self) -> Dict:
         """The RobustBench-style summary: model, data, n, norm, eps, attacks (each with its
@@ -131,7 +137,9 @@ class EvalReport:
 @dataclass(frozen=True)
 class Verdicts:
     """Per sample, in data-set order (bool arrays): the backend right on the clean input
-    and on the adversarial one, the mirror likewise, and where mirror and backend disagree.
+    and on the adversarial one (robust: the white-box attacks' and, judged with a
+    Transfer, the transferred one's both), the mirror likewise, where mirror and backend
+    disagree, and the backend right on the transferred input (the clean one without).
     Shards of an evaluation concatenate; a report is their sums."""
 
     clean: np.ndarray
@@ -140,6 +148,7 @@ class Verdicts:
     mirror_robust: np.ndarray
     disagree_clean: np.ndarray
     disagree_adv: np.ndarray
+    transferred: np.ndarray
     # (samples, attacks): the backend right on the cumulative worst case after each attack
     robust_after: np.ndarray
 
@@ -227,16 +236,21 @@ class Judge:
         batch_size: int,
         seed: int,
         progress: Optional[Progress] = None,
+        transferred: Optional[np.ndarray] = None,
     ) -> Verdicts:
         """The verdicts on samples (x, y), whose indices in their data set are `sample_ids`
         (with `seed` they fix every random choice of the attacks, whatever the batching),
-        attacked `batch_size` at a time."""
+        attacked `batch_size` at a time; `transferred`: their examples crafted on another
+        model (a Transfer's, aligned with x), judged too."""
         if batch_size < 1:
             raise GdwsError(f"batch size must be >= 1, got {batch_size}")
         parts = []
         for start in range(0, len(y), batch_size):
             window = slice(start, start + batch_size)
-            parts.append(self._batch(x[window], y[window], sample_ids[window], attacks, seed))
+            moved = None if transferred is None else transferred[window]
+            parts.append(
+                self._batch(x[window], y[window], sample_ids[window], attacks, seed, moved)
+            )
             if progress is not None:
                 progress(min(start + batch_size, len(y)), len(y))
         return Verdicts.concat(parts)
@@ -248,6 +262,7 @@ class Judge:
         sample_ids: np.ndarray,
         attacks: Sequence[Attack],
         seed: int,
+        x_transferred: Optional[np.ndarray],
     ) -> Verdicts:
         """Only the samples the backend gets right are attacked (on the mirror)."""
         x = torch.from_numpy(x_batch).to(self.device)
@@ -268,13 +283,17 @@ class Judge:
         backend_adv = backend_after[-1] if attacks else backend_clean
         with torch.no_grad():
             mirror_adv = self.target(x_adv).argmax(1).cpu().numpy()
+        transferred = (
+            backend_clean if x_transferred is None else self.predict(x_transferred)
+        ) == y_batch
         return Verdicts(
             clean=backend_clean == y_batch,
-            robust=backend_adv == y_batch,
+            robust=(backend_adv == y_batch) & transferred,
             mirror_clean=mirror_clean == y_batch,
             mirror_robust=mirror_adv == y_batch,
             disagree_clean=mirror_clean != backend_clean,
             disagree_adv=mirror_adv != backend_adv,
+            transferred=transferred,
             robust_after=np.array([after == y_batch for after in backend_after], bool).T.reshape(
                 len(y_batch), len(attacks)
             ),
@@ -294,8 +313,10 @@ def evaluate(
     progress: Optional[Progress] = None,
     device: Union[str, torch.device] = "cpu",
     providers: Optional[Sequence[str]] = None,
+    transfer: Optional[Transfer] = None,
 ) -> EvalReport:
-    """Clean and robust accuracy of `model` on `dataset` under the worst of `attacks`.
+    """Clean and robust accuracy of `model` on `dataset` under the worst of `attacks`
+    and, per sample, of `transfer`'s examples (crafted on another model from `dataset`).
 
     model: a path, or a ModelProto / LoadedModel a caller already holds (used as it is).
     device: where the mirror attacks (a --device spec or torch.device); onnxruntime's
@@ -315,7 +336,14 @@ def evaluate(
     judge.check(dataset)
     with judge:
         verdicts = judge.verdicts(
-            dataset.x, dataset.y, np.arange(len(dataset)), attacks, batch_size, seed, progress
+            dataset.x,
+            dataset.y,
+            np.arange(len(dataset)),
+            attacks,
+            batch_size,
+            seed,
+            progress,
+            transferred=aligned(transfer, dataset),
         )
     return report_of(
         judge.name,
@@ -327,7 +355,20 @@ def evaluate(
         std,
         seed,
         time.perf_counter() - start,
+        transfer,
     )
+
+
+def aligned(transfer: Optional[Transfer], dataset: Dataset) -> Optional[np.ndarray]:
+    """The transfer's inputs, checked to be one per sample of `dataset` (None: none)."""
+    if transfer is None:
+        return None
+    if transfer.x.shape != dataset.x.shape:
+        raise GdwsError(
+            f"the examples transferred from {transfer.source} are {transfer.x.shape}, "
+            f"not one per sample of {dataset.name} {dataset.x.shape}"
+        )
+    return transfer.x
 
 
 def report_of(
@@ -340,11 +381,16 @@ def report_of(
     std: Optional[Sequence[float]],
     seed: int,
     seconds: float,
+    transfer: Optional[Transfer] = None,
 ) -> EvalReport:
-    """The EvalReport of per-sample `verdicts` on `dataset`."""
+    """The EvalReport of per-sample `verdicts` on `dataset` (judged with `transfer`)."""
     n = len(verdicts)
     robust = int(verdicts.robust.sum())
     survived = verdicts.robust_after.sum(0).tolist()
+    names = [attack.name for attack in attacks]
+    if transfer is not None:
+        names.append(f"transfer from {transfer.source}")
+        survived.append(robust)
     return EvalReport(
         model=name,
         backend=backend,
@@ -363,13 +409,11 @@ def report_of(
         seed=seed,
         seconds=seconds,
         per_attack=[
-            {
-                "name": attack.name,
-                "robust_acc": count / n,
-                "robust_ci95": list(wilson_interval(count, n)),
-            }
-            for attack, count in zip(attacks, survived)
+            {"name": name, "robust_acc": count / n, "robust_ci95": list(wilson_interval(count, n))}
+            for name, count in zip(names, survived)
         ],
+        transfer_from=None if transfer is None else transfer.source,
+        transfer_acc=None if transfer is None else int(verdicts.transferred.sum()) / n,
     )
 
 

@@ -32,10 +32,11 @@ from gdws_deploy.passes.gdws.decompose import (
     mego,
     uniform,
 )
-from gdws_deploy.robustness.attacks import with_normalization, worst_case
+from gdws_deploy.robustness.attacks import with_normalization
 from gdws_deploy.robustness.check import RobustnessCheck
 from gdws_deploy.robustness.device import resolve_device
 from gdws_deploy.robustness.mirror import OnnxMirror
+from gdws_deploy.robustness.transfer import crafted
 
 if TYPE_CHECKING:  # the pipeline's options pass through; robustness does not build them
     from gdws_deploy.options import ConvertOptions
@@ -185,14 +186,8 @@ def _attacked(
             mirror.input_shapes[0],
             lambda sample: _classes(target(torch.from_numpy(sample).to(device))),
         )
-    batches = []
-    for start, (x_batch, y_batch) in zip(
-        range(0, len(check.dataset), check.batch_size), check.dataset.batches(check.batch_size)
-    ):
-        x, y = torch.from_numpy(x_batch).to(device), torch.from_numpy(y_batch).to(device)
-        ids = torch.arange(start, start + len(y))
-        batches.append(worst_case(target, x, y, check.attacks, ids, check.seed).x_adv.detach())
-    return torch.cat(batches), torch.from_numpy(check.dataset.y).to(device)
+    x = crafted(target, check.dataset, check.attacks, check.batch_size, check.seed, device)
+    return x, torch.from_numpy(check.dataset.y).to(device)
 
 
 def _loss(

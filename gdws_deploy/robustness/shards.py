@@ -43,11 +43,13 @@ from gdws_deploy.robustness.evaluate import (
     ModelSource,
     Progress,
     Verdicts,
+    aligned,
     report_of,
 )
+from gdws_deploy.robustness.transfer import Transfer
 from gdws_deploy.runtime.providers import parse_device
 
-CHECKPOINT_FORMAT = "gdws-deploy eval checkpoint 1"
+CHECKPOINT_FORMAT = "gdws-deploy eval checkpoint 2"
 RAY_HINT = "pip install gdws-deploy[ray]"
 # Ray retries a shard whose worker died this many times before the run fails.
 SHARD_RETRIES = 3
@@ -117,6 +119,7 @@ def evaluate_sharded(
     progress: Optional[Progress] = None,
     device: Union[str, torch.device] = "cpu",
     providers: Optional[Sequence[str]] = None,
+    transfer: Optional[Transfer] = None,
     *,
     sharding: Sharding,
 ) -> EvalReport:
@@ -142,21 +145,23 @@ def evaluate_sharded(
         providers=tuple(providers) if providers else None,
         threads=1 if sharding.on_ray else 0,
     )
+    transferred = aligned(transfer, dataset)
     local = replace(job, device="cpu", threads=0) if sharding.on_ray else job
     judge = local.judge(dataset.x.shape[1])
     judge.check(dataset)  # a data set the model cannot take fails here, before any worker
     size = sharding.shard_size or batch_size
     spans = [(first, min(first + size, len(dataset))) for first in range(0, len(dataset), size)]
-    checkpoint = Checkpoint(sharding.resume, _fingerprint(job, dataset, size), len(spans))
+    run = _fingerprint(job, dataset, size, transferred)
+    checkpoint = Checkpoint(sharding.resume, run, len(spans))
     done = dict(checkpoint.shards)
     todo = [index for index in range(len(spans)) if index not in done]
     finished = sum(spans[index][1] - spans[index][0] for index in done)
     if progress is not None:
         progress(finished, len(dataset))
     if sharding.on_ray:
-        results = _on_ray(job, dataset, spans, todo, sharding)
+        results = _on_ray(job, dataset, transferred, spans, todo, sharding)
     else:
-        results = _here(judge, job, dataset, spans, todo)
+        results = _here(judge, job, dataset, transferred, spans, todo)
     for index, verdicts in results:
         done[index] = verdicts
         checkpoint.save(index, verdicts)
@@ -165,7 +170,7 @@ def evaluate_sharded(
             progress(finished, len(dataset))
     verdicts = Verdicts.concat([done[index] for index in range(len(spans))])
     seconds = time.perf_counter() - start
-    return report_of(name, backend, dataset, verdicts, attacks, mean, std, seed, seconds)
+    return report_of(name, backend, dataset, verdicts, attacks, mean, std, seed, seconds, transfer)
 
 
 def _serialized(model: ModelSource) -> Tuple[str, bytes]:
@@ -189,10 +194,13 @@ def _worker_device(spec: str, sharding: Sharding) -> str:
     return resolved.type if sharding.on_ray else str(resolved)
 
 
-def _fingerprint(job: _Job, dataset: Dataset, shard_size: int) -> Dict:
+def _fingerprint(
+    job: _Job, dataset: Dataset, shard_size: int, transferred: Optional[np.ndarray]
+) -> Dict:
     """What makes two runs' shards interchangeable (not the device or the workers)."""
     data = hashlib.sha256(np.ascontiguousarray(dataset.x).tobytes())
     data.update(np.ascontiguousarray(dataset.y).tobytes())
+    moved = None if transferred is None else np.ascontiguousarray(transferred).tobytes()
     return {
         "model_sha256": job.digest,
         "dataset": dataset.name,
@@ -205,6 +213,7 @@ def _fingerprint(job: _Job, dataset: Dataset, shard_size: int) -> Dict:
         "seed": job.seed,
         "batch_size": job.batch_size,
         "shard_size": shard_size,
+        "transfer_sha256": None if moved is None else hashlib.sha256(moved).hexdigest(),
     }
 
 
@@ -244,27 +253,26 @@ class Checkpoint:
 
 
 def _here(
-    judge: Judge, job: _Job, dataset: Dataset, spans: Sequence[Span], todo: Sequence[int]
+    judge: Judge,
+    job: _Job,
+    dataset: Dataset,
+    transferred: Optional[np.ndarray],
+    spans: Sequence[Span],
+    todo: Sequence[int],
 ) -> Iterator[Tuple[int, Verdicts]]:
     """The shards in this process, in order."""
     with judge:
         for index in todo:
-            first, stop = spans[index]
-            yield (
-                index,
-                judge.verdicts(
-                    dataset.x[first:stop],
-                    dataset.y[first:stop],
-                    np.arange(first, stop),
-                    job.attacks,
-                    job.batch_size,
-                    job.seed,
-                ),
-            )
+            yield index, _verdicts(judge, job, dataset.x, dataset.y, transferred, *spans[index])
 
 
 def _on_ray(
-    job: _Job, dataset: Dataset, spans: Sequence[Span], todo: Sequence[int], sharding: Sharding
+    job: _Job,
+    dataset: Dataset,
+    transferred: Optional[np.ndarray],
+    spans: Sequence[Span],
+    todo: Sequence[int],
+    sharding: Sharding,
 ) -> Iterator[Tuple[int, Verdicts]]:
     """The shards as Ray tasks, yielded as they finish (any order)."""
     ray = _connected(sharding)
@@ -272,7 +280,7 @@ def _on_ray(
     try:
         gpus = 1 if job.device.startswith("cuda") else 0
         task = ray.remote(_shard).options(max_retries=SHARD_RETRIES, num_cpus=1, num_gpus=gpus)
-        refs = ray.put(job), ray.put(dataset.x), ray.put(dataset.y)
+        refs = ray.put(job), ray.put(dataset.x), ray.put(dataset.y), ray.put(transferred)
         pending = {task.remote(*refs, *spans[index]): index for index in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -318,7 +326,14 @@ def _connected(sharding: Sharding):
 _OPENED: Dict[str, Judge] = {}
 
 
-def _shard(job: _Job, x: np.ndarray, y: np.ndarray, first: int, stop: int) -> Verdicts:
+def _shard(
+    job: _Job,
+    x: np.ndarray,
+    y: np.ndarray,
+    transferred: Optional[np.ndarray],
+    first: int,
+    stop: int,
+) -> Verdicts:
     """One shard's verdicts, in a worker process."""
     key = f"{job.digest} {job.device} {job.providers} {job.mean} {job.std}"
     if key not in _OPENED:
@@ -327,6 +342,25 @@ def _shard(job: _Job, x: np.ndarray, y: np.ndarray, first: int, stop: int) -> Ve
         _OPENED.clear()
         torch.set_num_threads(max(job.threads, 1))
         _OPENED[key] = job.judge(x.shape[1]).__enter__()
-    return _OPENED[key].verdicts(
-        x[first:stop], y[first:stop], np.arange(first, stop), job.attacks, job.batch_size, job.seed
+    return _verdicts(_OPENED[key], job, x, y, transferred, first, stop)
+
+
+def _verdicts(
+    judge: Judge,
+    job: _Job,
+    x: np.ndarray,
+    y: np.ndarray,
+    transferred: Optional[np.ndarray],
+    first: int,
+    stop: int,
+) -> Verdicts:
+    """The verdicts on samples first..stop-1 by an active judge."""
+    return judge.verdicts(
+        x[first:stop],
+        y[first:stop],
+        np.arange(first, stop),
+        job.attacks,
+        job.batch_size,
+        job.seed,
+        transferred=None if transferred is None else transferred[first:stop],
     )

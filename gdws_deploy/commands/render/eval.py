@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING, Dict, Sequence
 
 from rich.table import Table
 
@@ -13,13 +13,12 @@ if TYPE_CHECKING:
 def report_table(report: EvalReport) -> Table:
     """Clean and robust accuracy on the backend, the mirror's, and the attacks run, each
     with the robust accuracy of the worst case so far (as AutoAttack prints it)."""
-    low, high = report.robust_ci95
     table = Table(title=f"robustness of {report.model} on {report.backend}", title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("samples", f"{report.samples} ({report.dataset})")
     table.add_row("clean accuracy", f"{report.clean_acc:.2%}")
-    table.add_row("robust accuracy", f"{report.robust_acc:.2%}  [95% CI {low:.2%} - {high:.2%}]")
+    table.add_row("robust accuracy", _with_interval(report.robust_acc, report.robust_ci95))
     table.add_row(
         "mirror clean / robust accuracy",
         f"{report.mirror_clean_acc:.2%} / {report.mirror_robust_acc:.2%}",
@@ -33,13 +32,24 @@ def report_table(report: EvalReport) -> Table:
         table.add_row(f"attack {attack['name']}", _settings(attack))
         if attack["name"] in survived:
             row = survived[attack["name"]]
-            low, high = row["robust_ci95"]
             table.add_row(
                 f"  robust after {attack['name']}",
-                f"{row['robust_acc']:.2%}  [95% CI {low:.2%} - {high:.2%}]",
+                _with_interval(row["robust_acc"], row["robust_ci95"]),
             )
+    if report.transfer_from is not None:
+        table.add_row(
+            f"examples crafted on {report.transfer_from}", f"{report.transfer_acc:.2%} accuracy"
+        )
+        last = report.per_attack[-1]
+        both = _with_interval(last["robust_acc"], last["robust_ci95"])
+        table.add_row("  robust after both", both)
     table.add_row("time", f"{report.seconds:.1f} s")
     return table
+
+
+def _with_interval(accuracy: float, interval: Sequence[float]) -> str:
+    low, high = interval
+    return f"{accuracy:.2%}  [95% CI {low:.2%} - {high:.2%}]"
 
 
 def _settings(attack: Dict) -> str:
