@@ -23,16 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdws_deploy.robustness.attacks import make_attacks, parse_fraction, worst_case
-from gdws_deploy.robustness.data import load_dataset
+from gdws_deploy.robustness.attacks import make_attacks, parse_fraction
+from gdws_deploy.robustness.data import Dataset, load_dataset
 from gdws_deploy.robustness.mirror import load_mirror
+from gdws_deploy.robustness.transfer import crafted
 
 
 def main(argv: Sequence[str] = ()) -> int:
     args = _parser().parse_args(list(argv) or None)
     data = load_dataset(args.test)
     picked = np.sort(np.random.default_rng(args.seed).permutation(len(data))[: args.limit])
-    x, y = torch.from_numpy(data.x[picked]), torch.from_numpy(data.y[picked])
+    subset = Dataset(data.name, data.x[picked], data.y[picked])
+    x, y = torch.from_numpy(subset.x), torch.from_numpy(subset.y)
     attacks = make_attacks(
         "pgd-linf",
         {"linf": parse_fraction(args.eps)},
@@ -41,13 +43,14 @@ def main(argv: Sequence[str] = ()) -> int:
     )
     paths = [args.original, *args.converted]
     mirrors = [load_mirror(path).eval() for path in paths]
-    crafted = [_crafted(mirror, x, y, attacks, args.batch) for mirror in mirrors]
+    cpu = torch.device("cpu")
+    examples = [crafted(mirror, subset, attacks, args.batch, 0, cpu) for mirror in mirrors]
     names = [Path(path).name for path in paths]
     print(f"\n{len(y)} samples of {args.test} (seed {args.seed}), PGD-{args.steps} {args.eps}")
     print("accuracy (%) of the column's model on examples crafted against the row's model\n")
     print("| crafted on \\ judged on | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
-    for name, inputs in [*zip(names, crafted), ("(clean)", x)]:
+    for name, inputs in [*zip(names, examples), ("(clean)", x)]:
         accuracies = [_accuracy(mirror, inputs, y, args.batch) for mirror in mirrors]
         print(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accuracies) + " |")
     return 0
@@ -65,18 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=125)
     return parser
-
-
-def _crafted(mirror, x: torch.Tensor, y: torch.Tensor, attacks, batch: int) -> torch.Tensor:
-    """PGD examples against `mirror`, per-sample seeded as eval's (batch-independent)."""
-    return torch.cat(
-        [
-            worst_case(
-                mirror, x[i : i + batch], y[i : i + batch], attacks, torch.arange(i, len(y))[:batch]
-            ).x_adv
-            for i in range(0, len(y), batch)
-        ]
-    )
 
 
 def _accuracy(mirror, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
