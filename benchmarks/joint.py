@@ -11,7 +11,7 @@ picked is marked, against the goal: >= 2.3x faster with <= 1 point of robust and
 points of clean accuracy lost (the paper's VGG-16 on a Jetson: 2.3x at about one point).
 --finetune STEPS adds every row fine-tuned and the search with fine-tuned probes;
 --plot draws the front (speed-up against robust and clean accuracy lost) with the paper's
-point.
+point; --front-of draws it from several runs' --json files.
 
     .venv/bin/python benchmarks/joint.py ../shared/models/robust_vgg16_photos.onnx \\
         --test npz:../shared/models/photos_rgb_test.npz \\
@@ -88,6 +88,11 @@ class Row:
 
 def main(argv: Sequence[str] = ()) -> int:
     args = _parser().parse_args(list(argv) or None)
+    if args.front_of:
+        if not args.plot:
+            sys.exit("--front-of draws --plot: give it")
+        _plot_front(_merged(args.front_of), Path(args.plot), args)
+        return 0
     attacks = tuple(
         make_attacks(
             "pgd-linf",
@@ -136,7 +141,7 @@ def main(argv: Sequence[str] = ()) -> int:
             print(f"[{time.perf_counter() - start:.0f} s] {row.label}: evaluated", file=sys.stderr)
     _print_table(rows, test, args)
     if args.plot:
-        _plot_front(rows, Path(args.plot), test, args)
+        _plot_front([_record(row, rows[0]) for row in rows], Path(args.plot), args)
     if args.json:
         Path(args.json).write_text(json.dumps([_record(row, rows[0]) for row in rows], indent=2))
     return 0
@@ -164,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-robust-drop", type=float, default=GOAL_ROBUST_DROP)
     parser.add_argument("--json", help="write the rows here too")
     parser.add_argument("--plot", help="draw the front here (PNG)")
+    parser.add_argument(
+        "--front-of",
+        nargs="+",
+        metavar="JSON",
+        help="instead of a run: draw --plot from earlier runs' --json files (same model, "
+        "held-out samples and settings)",
+    )
     parser.add_argument(
         "--allocation", default="auto", help="the search's --allocation (auto: every rule)"
     )
@@ -346,23 +358,28 @@ def _print_table(rows: List[Row], test: RobustnessCheck, args: argparse.Namespac
         )
 
 
-def _plot_front(
-    rows: List[Row], path: Path, test: RobustnessCheck, args: argparse.Namespace
-) -> None:
+def _merged(paths: Sequence[str]) -> List[Dict]:
+    """The rows of several runs' --json files (same model and held-out samples), the
+    original once: the first file's."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    return [*runs[0], *(record for run in runs[1:] for record in run[1:])]
+
+
+def _plot_front(rows: List[Dict], path: Path, args: argparse.Namespace) -> None:
     """Robust and clean accuracy lost against speed-up, one numbered point per row (the
-    table's #), the goal's corner shaded and the paper's point marked."""
+    table's #; rows are _record's), the goal's corner shaded and the paper's point marked."""
     from matplotlib.figure import Figure
 
     from gdws_deploy.atomic import atomic_path
 
     original = rows[0]
-    records = [(i, _record(row, original)) for i, row in enumerate(rows) if not row.failed]
+    records = [(i, record) for i, record in enumerate(rows) if not record.get("failed")]
     figure = Figure(figsize=(11, 4.6), layout="constrained")
     panels = figure.subplots(1, 2, sharex=True)
     for panel, key, goal in zip(panels, ("robust", "clean"), (GOAL_ROBUST_DROP, GOAL_CLEAN_DROP)):
-        drops = [100 * (getattr(original, key) - record[key]) for _, record in records]
+        drops = [100 * (original[key] - record[key]) for _, record in records]
         speedups = [record["speedup"] for _, record in records]
-        colours = ["tab:red" if rows[i].searched else "tab:blue" for i, _ in records]
+        colours = ["tab:red" if record["searched"] else "tab:blue" for _, record in records]
         panel.scatter(speedups, drops, c=colours, s=40, zorder=3)
         for (index, _), x, y in zip(records, speedups, drops):
             panel.annotate(str(index), (x, y), textcoords="offset points", xytext=(4, 4))
@@ -379,7 +396,7 @@ def _plot_front(
     )  # fmt: skip
     panels[0].legend(loc="upper left", fontsize="small")
     figure.suptitle(
-        f"{Path(args.model).name}: {len(test.dataset)} held-out samples, PGD-{args.steps} "
+        f"{Path(args.model).name}: {args.limit} held-out samples, PGD-{args.steps} "
         f"l_inf {args.eps}\nred: the search's pick; shaded: within the accuracy goal"
     )
     with atomic_path(path) as tmp:
@@ -398,6 +415,7 @@ def _record(row: Row, original: Row) -> Dict:
         "robust_ci95": list(row.ci),
         "white_box": row.white_box,
         "searched": row.searched,
+        "failed": row.failed,
         "meets_goal": speedup >= GOAL_SPEEDUP
         and original.robust - row.robust <= GOAL_ROBUST_DROP + 1e-12
         and original.clean - row.clean <= GOAL_CLEAN_DROP + 1e-12,
