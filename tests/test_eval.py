@@ -12,9 +12,10 @@ from torch import nn
 
 from gdws_deploy.errors import GdwsError
 from gdws_deploy.ir.graph import load_model
+from gdws_deploy.pipeline.rule_choice import RuleScore
 from gdws_deploy.robustness.attacks import make_attacks
 from gdws_deploy.robustness.data import load_dataset
-from gdws_deploy.robustness.evaluate import evaluate, open_backend, wilson_interval
+from gdws_deploy.robustness.evaluate import evaluate, open_backend, paired_z, wilson_interval
 from gdws_deploy.runtime.runner import OrtRunner
 from gdws_deploy.speed.backends import BACKENDS, Backend, OrtBackend, backend_named
 from models.export import export_onnx
@@ -255,3 +256,26 @@ def test_cli_autoattack_reports_each_attack_and_a_robustbench_record(
     assert record["clean"] == record["clean_acc"] and record["model"] == str(digits_model)
     low, high = record["per_attack"][0]["robust_ci95"]
     assert low <= cumulative[0] <= high
+
+
+def test_paired_z_counts_only_the_samples_the_two_models_judge_differently():
+    base = np.zeros(500, bool)
+    base[:300] = True
+    fixed = base.copy()
+    fixed[300:330] = True  # 30 more right, none lost: 6 points, certain
+    assert paired_z(fixed, base) > 5
+    churn = base.copy()
+    churn[300:310], churn[:8] = True, False  # 10 gained, 8 lost: noise
+    assert 0 < paired_z(churn, base) < 1
+    assert paired_z(base, base) == 0.0
+    assert paired_z(~base[300:310], base[300:310]) == np.inf  # right wherever base is not
+    assert paired_z(np.zeros(3, bool), np.ones(3, bool)) == -np.inf
+
+
+@pytest.mark.parametrize(
+    "robust_z, clean_z, beats",
+    [(2.5, 0.0, True), (1.5, 0.0, False), (2.5, -2.5, False), (-3.0, 3.0, False)],
+)
+def test_a_rule_replaces_the_default_only_when_significantly_more_robust(robust_z, clean_z, beats):
+    score = RuleScore("measured", 2.0, None, 0.8, 0.6, robust_z, clean_z)
+    assert score.beats_default is beats

@@ -17,7 +17,7 @@ import functools
 import importlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -82,6 +82,19 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> Tuple[float,
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def paired_z(candidate: np.ndarray, base: np.ndarray) -> float:
+    """How many standard errors `candidate`'s accuracy lies above `base`'s, from per-sample
+    verdicts (bool arrays) on the same samples: the paired difference's mean over its
+    standard error, so samples both get right or both get wrong add no noise. +-inf when
+    the two differ on every sample the same way; 0 when they never differ."""
+    difference = candidate.astype(np.float64) - base.astype(np.float64)
+    mean = float(difference.mean()) if len(difference) else 0.0
+    spread = float(difference.std(ddof=1)) if len(difference) > 1 else 0.0
+    if spread == 0.0:
+        return math.copysign(math.inf, mean) if mean else 0.0
+    return mean / (spread / math.sqrt(len(difference)))
+
+
 @dataclass(frozen=True)
 class EvalReport:
     """Accuracies are fractions in [0, 1]; disagreements count samples where mirror and
@@ -110,6 +123,9 @@ class EvalReport:
     # so); robust_acc is then per sample the worse of those and the white-box attacks
     transfer_from: Optional[str] = None
     transfer_acc: Optional[float] = None
+    # per sample (not serialized): what paired comparisons of two models on the same
+    # samples need
+    verdicts: Optional[Verdicts] = field(default=None, compare=False, repr=False)
 
     def robustbench(self) -> Dict:
         """The RobustBench-style summary: model, data, n, norm, eps, attacks (each with its
@@ -128,7 +144,8 @@ class EvalReport:
         }
 
     def to_dict(self) -> Dict:
-        record = asdict(self)
+        record = asdict(replace(self, verdicts=None))
+        del record["verdicts"]
         record["robust_ci95"] = list(self.robust_ci95)
         record["disagreements"] = self.disagreements_clean + self.disagreements_adv
         return record
@@ -414,6 +431,7 @@ def report_of(
         ],
         transfer_from=None if transfer is None else transfer.source,
         transfer_acc=None if transfer is None else int(verdicts.transferred.sum()) / n,
+        verdicts=verdicts,
     )
 
 

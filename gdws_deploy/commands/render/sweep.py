@@ -96,11 +96,12 @@ def rule_table(choice: RuleChoice) -> Table:
     marked."""
     table = Table(
         title=f"allocation rules at {choice.target}, judged on {choice.samples} samples of "
-        f"{choice.dataset}: the most robust is kept",
+        f"{choice.dataset}: relative is kept unless another rule is significantly more "
+        "robust (paired, 95 %)",
         title_justify="left",
     )
     table.add_column("rule")
-    for column in ("fewer MACs", "speed-up", "clean", "robust", "verdict"):
+    for column in ("fewer MACs", "speed-up", "clean", "robust", "robust gain (SE)", "verdict"):
         table.add_column(column, justify="right")
     for score in choice.scores:
         table.add_row(
@@ -109,6 +110,7 @@ def rule_table(choice: RuleChoice) -> Table:
             "-" if score.speedup is None else f"{score.speedup:.2f}x",
             f"{score.clean_acc:.1%}",
             f"{score.robust_acc:.1%}",
+            "-" if score is choice.scores[0] else f"{score.robust_z:+.1f}",
             "[bold green]chosen[/]" if score.rule == choice.chosen else "",
         )
     return table

@@ -97,7 +97,8 @@ def _greedy_picks(
 # bundled robust model and a digits model by benchmarks/allocation_rules.py (README).
 ALLOCATIONS: Dict[str, str] = {
     "auto": "without data relative; convert --dataset converts under relative and measured "
-    "and keeps the more robust on the data; sweep --calib uses measured",
+    "and keeps relative unless measured is significantly more robust on the data; sweep "
+    "--calib uses measured",
     "measured": "greedy on each layer's measured robust-loss curve per MAC",
     "relative": "greedy on s^2 / ||W||_F^2 of its layer per MAC (scale-free)",
     "energy": "greedy on unweighted s^2 per MAC",
