@@ -73,9 +73,9 @@ def eval_command(
             check_output_path(output, *inputs)
     data = DATA.build(flags)
     sampling = DATA.sampling(flags)
-    crafted = None
+    originals_examples = None
     if transfer_from is not None:
-        crafted = transfer.transfer_from(transfer_from, data, attacks, **sampling)
+        originals_examples = transfer.transfer_from(transfer_from, data, attacks, **sampling)
     with BatchProgress("attacking") as progress:
         if sharding is None:
             run = functools.partial(evaluate, engine=engine)
@@ -88,7 +88,7 @@ def eval_command(
             backend=backend,
             progress=progress,
             providers=DEVICE.providers(flags),
-            transfer=crafted,
+            transfer=originals_examples,
             **sampling,
         )
     Console().print(report_table(report))
